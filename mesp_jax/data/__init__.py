@@ -1,0 +1,7 @@
+"""Data: image sources (Debian IDX files, TF-free tfds) and a sharded loader.
+
+Images leave this package as ``[B, H, W, C]`` float32 in ``[-1, 1]``.
+"""
+
+from mesp_jax.data.loader import Loader, eval_batches  # noqa: F401
+from mesp_jax.data.sources import DataNotFoundError, get_source  # noqa: F401

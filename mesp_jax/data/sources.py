@@ -1,0 +1,206 @@
+"""Random-access image sources.
+
+A source has ``len(source)`` and ``source.read(indices) -> dict`` of numpy
+arrays: ``image`` uint8 ``[n, H, W, C]`` at the configured size and ``label``
+int32 ``[n]``. Everything is read TF-free:
+
+* ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` IDX files (default
+  ``/usr/share/datasets/fashion-mnist``), else a tfds array_record build;
+  padded from 28x28 to 32x32.
+* ``mnist``, ``cifar10``, ``celeb_a``, ``imagenet2012``: a tfds build in
+  ``array_record`` format read with ``tfds.data_source``. When the build is
+  absent a :class:`DataNotFoundError` says how to prepare it; nothing tries the
+  network (which would retry for minutes offline).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import struct
+
+import numpy as np
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+TFDS_NAMES = ("mnist", "cifar10", "celeb_a", "imagenet2012", "fashion_mnist")
+DATASETS = ("fashion_mnist",) + tuple(n for n in TFDS_NAMES
+                                      if n != "fashion_mnist")
+
+
+class DataNotFoundError(FileNotFoundError):
+  """The requested data is not on this machine; the message says what to do."""
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped) into a numpy array."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    raise ValueError(f"{path} is not an IDX file (bad magic number)")
+  dtype_code, ndim = data[2], data[3]
+  if dtype_code != 0x08:
+    raise ValueError(f"{path}: only unsigned-byte IDX files are supported")
+  shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if body.size != int(np.prod(shape)):
+    raise ValueError(f"{path} is truncated: expected {np.prod(shape)} values, "
+                     f"found {body.size}; reinstall the data package")
+  return body.reshape(shape)
+
+
+class ArraySource:
+  """In-memory source over uint8 images ``[N, H, W, C]`` and labels ``[N]``."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = ""):
+    if images.ndim != 4 or images.dtype != np.uint8:
+      raise ValueError("images must be uint8 [N, H, W, C]")
+    if len(images) != len(labels):
+      raise ValueError("images and labels differ in length")
+    self.images = images
+    self.labels = labels.astype(np.int32)
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.images.shape[1:])
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices)
+    return {"image": self.images[indices], "label": self.labels[indices]}
+
+
+def pad_to(images: np.ndarray, size: int) -> np.ndarray:
+  """Zero-pads [N, h, w, C] uint8 images symmetrically to [N, size, size, C]."""
+  n, h, w, c = images.shape
+  if h > size or w > size:
+    raise ValueError(f"cannot pad {h}x{w} images to {size}x{size}")
+  top, left = (size - h) // 2, (size - w) // 2
+  out = np.zeros((n, size, size, c), np.uint8)
+  out[:, top:top + h, left:left + w] = images
+  return out
+
+
+def _fashion_mnist_debian(split: str, directory: str) -> ArraySource | None:
+  prefix = {"train": "train", "test": "t10k"}.get(split)
+  if prefix is None:
+    raise ValueError(f"fashion_mnist has splits 'train' and 'test', not "
+                     f"{split!r}")
+  images_path = os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz")
+  labels_path = os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz")
+  if not (os.path.exists(images_path) and os.path.exists(labels_path)):
+    return None
+  images = read_idx(images_path)[..., None]
+  labels = read_idx(labels_path)
+  return ArraySource(images, labels, name=f"fashion_mnist/{split}")
+
+
+def _tfds_build_dir(name: str, data_dir: str) -> str | None:
+  """The newest version folder of a tfds build holding array_record files."""
+  pattern = os.path.join(data_dir, name, "*", "*", "*.array_record*")
+  files = sorted(glob.glob(pattern)) or sorted(
+      glob.glob(os.path.join(data_dir, name, "*", "*.array_record*")))
+  return os.path.dirname(files[-1]) if files else None
+
+
+def default_tfds_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR",
+                        os.path.expanduser("~/tensorflow_datasets"))
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+  manual = ""
+  if name == "imagenet2012":
+    manual = (" ImageNet needs the original tar files in a manual_dir: "
+              "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+              "from image-net.org into MANUAL_DIR and add "
+              "--manual_dir=MANUAL_DIR.")
+  return (
+      f"tfds dataset {name!r} is not prepared in {data_dir!r} (no "
+      f"array_record files). On a machine with network access run\n"
+      f"  python -m mesp_jax.data.prepare --dataset={name} "
+      f"--data_dir={data_dir}\n"
+      f"(it calls tfds download_and_prepare with file_format=array_record), "
+      f"then copy the folder here or set config.data.data_dir / "
+      f"TFDS_DATA_DIR.{manual}")
+
+
+class TfdsSource:
+  """TF-free reader of a tfds array_record build through ``tfds.data_source``."""
+
+  def __init__(self, name: str, split: str, data_dir: str, image_size: int):
+    import tensorflow_datasets as tfds  # heavy import, only when needed
+    if _tfds_build_dir(name, data_dir) is None:
+      raise DataNotFoundError(_prepare_hint(name, data_dir))
+    self._source = tfds.data_source(name, split=split, data_dir=data_dir,
+                                    download=False)
+    self.name = f"{name}/{split}"
+    self.image_size = image_size
+    self._dataset = name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.read(np.array([0]))["image"].shape[1:]
+
+  def _convert(self, image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, np.uint8)
+    if image.ndim == 2:
+      image = image[..., None]
+    h, w, _ = image.shape
+    s = self.image_size
+    if (h, w) == (s, s):
+      return image
+    if h <= s and w <= s:
+      return pad_to(image[None], s)[0]
+    from PIL import Image
+    side = min(h, w)  # centre crop to a square, then resize
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = image[top:top + side, left:left + side]
+    pil = Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop)
+    out = np.asarray(pil.resize((s, s), Image.BICUBIC), np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    records = [self._source[int(i)] for i in np.asarray(indices)]
+    images = np.stack([self._convert(r["image"]) for r in records])
+    labels = np.asarray([int(r.get("label", 0)) for r in records], np.int32)
+    return {"image": images, "label": labels}
+
+
+def get_source(name: str, split: str, *, image_size: int = 32,
+               data_dir: str | None = None,
+               fashion_mnist_dir: str = DEBIAN_FASHION_MNIST):
+  """Returns a random-access source for ``name``/``split``.
+
+  Raises:
+    DataNotFoundError: quickly (no network retries) with preparation steps.
+    ValueError: unknown dataset or split.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"config.data.name={name!r} is not supported; choose one "
+                     f"of {list(DATASETS)}")
+  data_dir = data_dir or default_tfds_dir()
+  if name == "fashion_mnist":
+    source = _fashion_mnist_debian(split, fashion_mnist_dir)
+    if source is not None:
+      images = source.images
+      if images.shape[1] != image_size:
+        images = pad_to(images, image_size)
+      return ArraySource(images, source.labels, source.name)
+    if _tfds_build_dir(name, data_dir) is None:
+      raise DataNotFoundError(
+          f"Fashion-MNIST not found: neither Debian's IDX files in "
+          f"{fashion_mnist_dir!r} nor a tfds array_record build in "
+          f"{data_dir!r}. Install the data with\n"
+          f"  sudo apt-get update && sudo apt-get install -y "
+          f"dataset-fashion-mnist\n"
+          f"or, with network access, python -m mesp_jax.data.prepare "
+          f"--dataset=fashion_mnist --data_dir={data_dir}")
+  return TfdsSource(name, split, data_dir, image_size)

@@ -1,0 +1,1 @@
+"""Evaluation: Frechet distances, memorisation, overlap coefficients."""

@@ -1,0 +1,1 @@
+"""The paper's experiments as stages: the gamma sweep and the MESP study."""

@@ -1,0 +1,40 @@
+"""Entry point: ``python -m mesp_jax.main --config=configs/x.py[:variant]
+--workdir=DIR [--config.a.b=value ...]``.
+
+Intentionally only flags; the work happens in the stage named by
+``config.stage`` (see ``mesp_jax/stages.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mesp_jax import stages
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant'.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output and checkpoint folder.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, "
+    "SLURM); the cluster is detected from the environment.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax is chatty at INFO
+    logging.set_verbosity(logging.WARNING)
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  logging.info("JAX process %d/%d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  stages.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

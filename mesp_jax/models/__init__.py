@@ -1,0 +1,1 @@
+"""Flax models: the binary latent autoencoder and the gamma-ARVM."""

@@ -1,0 +1,213 @@
+"""Binary latent autoencoder (BL-AE).
+
+Training forward (DESIGN.md, MESP): ``z = tanh(enc(x))``, the decoder sees
+``z + sigma * eps`` and the loss is ``mse(dec(z + sigma eps), x) + beta *
+mean(z^2)``. Because ``|z| <= 1`` the noise can only be beaten by pushing codes
+to +-1, so at inference ``bits = sign(z)`` loses little. No straight-through
+estimator is involved.
+
+Two encoder/decoder families:
+
+* ``full_res`` (the authors' design): a k x k conv stem, residual blocks of
+  1x1 convolutions, a 1x1 conv to C bits; one latent position per pixel.
+* ``downsample``: a 3x3 stem, ``log2(f)`` stages of [residual 3x3 block,
+  stride-2 conv], residual blocks at the bottom, 1x1 conv to C bits; the
+  decoder mirrors it with nearest-neighbour upsampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mesp_jax.models import bits as bits_lib
+
+FAMILIES = ("full_res", "downsample")
+
+
+class ResBlock(nn.Module):
+  """x + conv(act(conv(act(x)))) with a configurable kernel size."""
+  width: int
+  kernel: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    k = (self.kernel, self.kernel)
+    h = nn.Conv(self.width, k, name="conv1")(nn.silu(x))
+    h = nn.Conv(self.width, k, name="conv2", kernel_init=nn.initializers.zeros
+                )(nn.silu(h))
+    return x + h
+
+
+def _stage_widths(width: int, num_down: int, mult: Sequence[int]) -> list[int]:
+  mult = list(mult) if mult else [1]
+  return [width * mult[min(i, len(mult) - 1)] for i in range(num_down + 1)]
+
+
+class Encoder(nn.Module):
+  """[B, H, W, C_img] in [-1, 1] -> pre-tanh code [B, H/f, W/f, bits]."""
+  family: str
+  width: int
+  bits: int
+  num_res_blocks: int
+  stem_kernel: int = 7
+  downsample_factor: int = 1
+  channel_mult: Sequence[int] = (1,)
+
+  @nn.compact
+  def __call__(self, x):
+    if self.family == "full_res":
+      k = (self.stem_kernel, self.stem_kernel)
+      h = nn.Conv(self.width, k, name="stem")(x)
+      for i in range(self.num_res_blocks):
+        h = ResBlock(self.width, 1, name=f"res{i}")(h)
+    else:
+      num_down = int(math.log2(self.downsample_factor))
+      widths = _stage_widths(self.width, num_down, self.channel_mult)
+      h = nn.Conv(widths[0], (3, 3), name="stem")(x)
+      for s in range(num_down):
+        h = ResBlock(widths[s], 3, name=f"down{s}_res")(h)
+        h = nn.Conv(widths[s + 1], (4, 4), strides=(2, 2),
+                    name=f"down{s}_conv")(nn.silu(h))
+      for i in range(self.num_res_blocks):
+        h = ResBlock(widths[-1], 3, name=f"mid_res{i}")(h)
+    return nn.Conv(self.bits, (1, 1), name="to_bits")(nn.silu(h))
+
+
+class Decoder(nn.Module):
+  """Code [B, h, w, bits] -> image [B, h*f, w*f, C_img] (unbounded)."""
+  family: str
+  width: int
+  image_channels: int
+  num_res_blocks: int
+  stem_kernel: int = 7
+  downsample_factor: int = 1
+  channel_mult: Sequence[int] = (1,)
+
+  @nn.compact
+  def __call__(self, z):
+    if self.family == "full_res":
+      h = nn.Conv(self.width, (1, 1), name="from_bits")(z)
+      for i in range(self.num_res_blocks):
+        h = ResBlock(self.width, 1, name=f"res{i}")(h)
+      k = (self.stem_kernel, self.stem_kernel)
+      return nn.Conv(self.image_channels, k, name="out")(nn.silu(h))
+    num_down = int(math.log2(self.downsample_factor))
+    widths = _stage_widths(self.width, num_down, self.channel_mult)
+    h = nn.Conv(widths[-1], (3, 3), name="from_bits")(z)
+    for i in range(self.num_res_blocks):
+      h = ResBlock(widths[-1], 3, name=f"mid_res{i}")(h)
+    for s in reversed(range(num_down)):
+      b, hh, ww, c = h.shape
+      h = jax.image.resize(h, (b, hh * 2, ww * 2, c), "nearest")
+      h = nn.Conv(widths[s], (3, 3), name=f"up{s}_conv")(nn.silu(h))
+      h = ResBlock(widths[s], 3, name=f"up{s}_res")(h)
+    return nn.Conv(self.image_channels, (3, 3), name="out")(nn.silu(h))
+
+
+class BLAE(nn.Module):
+  """The binary latent autoencoder.
+
+  Attributes:
+    family: 'full_res' or 'downsample'.
+    width: channel width (base width for 'downsample').
+    bits: latent bits C per position.
+    num_res_blocks: residual blocks in encoder and decoder.
+    stem_kernel: k of the k x k stem of the 'full_res' family.
+    downsample_factor: f in {1, 2, 4, 8, 16} ('downsample' family).
+    channel_mult: width multipliers per resolution ('downsample' family).
+    image_channels: 1 (grey) or 3 (RGB).
+  """
+  family: str = "downsample"
+  width: int = 64
+  bits: int = 16
+  num_res_blocks: int = 2
+  stem_kernel: int = 7
+  downsample_factor: int = 4
+  channel_mult: Sequence[int] = (1,)
+  image_channels: int = 1
+
+  def setup(self):
+    common = dict(family=self.family, width=self.width,
+                  num_res_blocks=self.num_res_blocks,
+                  stem_kernel=self.stem_kernel,
+                  downsample_factor=self.downsample_factor,
+                  channel_mult=tuple(self.channel_mult))
+    self.encoder = Encoder(bits=self.bits, **common)
+    self.decoder = Decoder(image_channels=self.image_channels, **common)
+
+  def encode_continuous(self, x):
+    """[B, H, W, C] in [-1, 1] -> z = tanh(enc(x)) [B, h, w, bits]."""
+    return jnp.tanh(self.encoder(x))
+
+  def decode(self, z):
+    """[B, h, w, bits] (+-1 or continuous) -> image [B, H, W, C]."""
+    return self.decoder(z)
+
+  def __call__(self, x, noise):
+    """Training forward. ``noise`` is sigma * eps, shaped like the code.
+
+    Returns (reconstruction from z + noise, z).
+    """
+    z = self.encode_continuous(x)
+    return self.decode(z + noise), z
+
+  def latent_shape(self, image_shape: tuple[int, int, int]
+                   ) -> tuple[int, int, int]:
+    f = 1 if self.family == "full_res" else self.downsample_factor
+    h, w, _ = image_shape
+    return (h // f, w // f, self.bits)
+
+
+def blae_loss(recon, z, x, beta: float):
+  """``mse(recon, x) + beta * mean(z^2)``; returns (loss, mse, kl)."""
+  mse = jnp.mean(jnp.square(recon - x))
+  kl = jnp.mean(jnp.square(z))
+  return mse + beta * kl, mse, kl
+
+
+def bin_rate(z, tol: float = 0.1):
+  """Share of code entries within ``tol`` of +-1 (|z| >= 1 - tol)."""
+  return jnp.mean((jnp.abs(z) >= 1.0 - tol).astype(jnp.float32))
+
+
+def psnr(x, y):
+  """Per-image PSNR in dB on the 0..255 scale for images in [-1, 1]. [B]."""
+  x = jnp.clip(x, -1.0, 1.0)
+  y = jnp.clip(y, -1.0, 1.0)
+  mse = jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))
+  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+
+
+def encode_tokens(model: BLAE, params, x, group: int):
+  """Images [B, H, W, C] -> tokens [B, h, w, bits // group] int32."""
+  z = model.apply(params, x, method=BLAE.encode_continuous)
+  return bits_lib.pack(z, group)
+
+
+def decode_tokens(model: BLAE, params, tokens, group: int):
+  """Tokens [B, h, w, T] -> images [B, H, W, C] in [-1, 1] (clipped)."""
+  code = bits_lib.unpack(tokens, group)
+  return jnp.clip(model.apply(params, code, method=BLAE.decode), -1.0, 1.0)
+
+
+def build_blae(cfg, image_channels: int) -> BLAE:
+  """BLAE from a ``config.blae`` ConfigDict, checking values."""
+  if cfg.family not in FAMILIES:
+    raise ValueError(f"config.blae.family={cfg.family!r}; choose one of "
+                     f"{list(FAMILIES)}")
+  if cfg.family == "downsample" and cfg.downsample_factor not in (1, 2, 4, 8,
+                                                                  16):
+    raise ValueError(f"config.blae.downsample_factor={cfg.downsample_factor}"
+                     f"; choose one of [1, 2, 4, 8, 16]")
+  if cfg.bits < 1 or cfg.bits > 24:
+    raise ValueError(f"config.blae.bits={cfg.bits} must be in 1..24")
+  return BLAE(family=cfg.family, width=cfg.width, bits=cfg.bits,
+              num_res_blocks=cfg.num_res_blocks, stem_kernel=cfg.stem_kernel,
+              downsample_factor=cfg.downsample_factor,
+              channel_mult=tuple(cfg.channel_mult),
+              image_channels=image_channels)

@@ -1,0 +1,1 @@
+"""Samplers: the neural ARVM decoder (KV cache) and the kernel ARVM."""

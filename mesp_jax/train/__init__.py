@@ -1,0 +1,1 @@
+"""Training: sharding, the generic loop, checkpoints and metrics."""

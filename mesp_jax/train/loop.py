@@ -1,0 +1,281 @@
+"""The generic sharded training loop shared by every trained stage.
+
+A stage supplies a :class:`Task` (pure functions for init, loss and eval plus
+host-side hooks) and the loop does the rest: mesh, sharded init, jitted and
+donated train step, deterministic data, Orbax checkpoints with automatic
+resume, metrics, progress and periodic visualisations.
+
+Data path: config -> Loader (process-local numpy) -> shard_batch (global
+array on the mesh) -> train_step -> checkpoint / metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from mesp_jax import io
+from mesp_jax.train import checkpoint as ckpt
+from mesp_jax.train import sharding
+from mesp_jax.train.metrics import MetricWriter, Progress
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (a pytree)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass
+class Task:
+  """What a stage plugs into :func:`train`.
+
+  Attributes:
+    name: shown in progress lines.
+    init_params: ``(rng, batch) -> params`` (pure; traced under jit).
+    loss_fn: ``(params, batch, rng, step) -> (loss, metrics)`` (pure).
+    eval_fn: ``(params, batch) -> {name: [B, ...] per-example values}``
+      (pure); the loop masks padding and averages over the eval set.
+    meta: JSON-able description of model and data checked on resume.
+    summarize_eval: optional host function adding derived eval metrics.
+    visualize: optional host hook ``(params, step, workdir)`` writing images.
+    train_batches / eval_source: the data.
+  """
+  name: str
+  init_params: Callable[..., Any]
+  loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  eval_fn: Callable[..., dict[str, jax.Array]] | None
+  meta: dict
+  train_batches: Any  # a Loader-like iterator with get_state / set_state
+  eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
+  summarize_eval: Callable[[dict], dict] | None = None
+  visualize: Callable[[Any, int, str], None] | None = None
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam(W) with linear warm-up, then constant or cosine; optional clipping."""
+  warmup = int(cfg.get("warmup_steps", 0))
+  lr = float(cfg.learning_rate)
+  schedule_name = cfg.get("schedule", "constant")
+  if schedule_name == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup, 1), max(int(cfg.num_steps), warmup + 1),
+        end_value=lr * 0.1)
+  elif schedule_name == "constant":
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)),
+         optax.constant_schedule(lr)], [max(warmup, 1)])
+  else:
+    raise ValueError(f"config.train.schedule={schedule_name!r}; choose one of "
+                     "['constant', 'cosine']")
+  chain = []
+  if cfg.get("grad_clip", 0.0):
+    chain.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+  wd = float(cfg.get("weight_decay", 0.0))
+  chain.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)),
+                           b2=float(cfg.get("b2", 0.999)), weight_decay=wd)
+               if wd else optax.adam(schedule, b1=float(cfg.get("b1", 0.9)),
+                                     b2=float(cfg.get("b2", 0.999))))
+  return optax.chain(*chain)
+
+
+def make_mesh_from_config(config: ml_collections.ConfigDict):
+  mesh_cfg = config.get("mesh", ml_collections.ConfigDict())
+  return sharding.make_mesh(data=mesh_cfg.get("data", -1),
+                            fsdp=mesh_cfg.get("fsdp", 1))
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; no checkpoint of that state is saved."""
+
+
+def _average(sums: dict[str, np.ndarray], count: float) -> dict[str, Any]:
+  return {k: v / max(count, 1.0) for k, v in sums.items()}
+
+
+def evaluate(task: Task, eval_step, state: TrainState, mesh) -> dict[str, Any]:
+  """Masked average of ``task.eval_fn`` over ``task.eval_batches()``."""
+  sums: dict[str, np.ndarray] = {}
+  count = 0.0
+  for batch in task.eval_batches():
+    mask = batch.pop("mask")
+    out = eval_step(state.params, sharding.shard_batch(batch, mesh))
+    out = jax.device_get(out)
+    m = mask.astype(np.float64)
+    for k, v in out.items():
+      v = np.asarray(v, np.float64)
+      contrib = np.tensordot(m, v, axes=(0, 0))
+      sums[k] = sums.get(k, 0.0) + contrib
+    count += float(m.sum())
+  metrics = _average(sums, count)
+  if task.summarize_eval is not None:
+    metrics.update(task.summarize_eval(metrics))
+  return metrics
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
+          mesh=None) -> TrainState:
+  """Trains ``task`` for ``config.train.num_steps``; resumes from ``workdir``.
+
+  Returns the final TrainState (sharded on the mesh).
+  """
+  tcfg = config.train
+  mesh = mesh or make_mesh_from_config(config)
+  dp = sharding.data_parallel_size(mesh)
+  if tcfg.batch_size % dp:
+    raise ValueError(
+        f"config.train.batch_size={tcfg.batch_size} must be divisible by the "
+        f"data-parallel size {dp} (mesh {dict(mesh.shape)})")
+  os.makedirs(workdir, exist_ok=True)
+  tx = make_optimizer(tcfg)
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+
+  iter_peek = _Peek(task.train_batches)
+  first = iter_peek.peek()
+  example = jax.tree.map(lambda x: jnp.asarray(x[:1]), first)
+
+  def init_state(r):
+    params = task.init_params(r, example)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init_state, init_rng)
+  min_mb = config.get("mesh", {}).get("min_fsdp_size_mb", 4.0)
+  state_shardings = sharding.param_shardings(abstract, mesh, min_mb)
+  batch_shard = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+
+  manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+                              max_to_keep=tcfg.get("keep_checkpoints", 3),
+                              async_save=tcfg.get("async_checkpoint", True))
+  restored = ckpt.restore_latest(
+      manager, ckpt.abstract_with_shardings(abstract, state_shardings),
+      task.meta)
+  writer = MetricWriter(workdir, tensorboard=tcfg.get("tensorboard", True))
+  if restored is None:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    start = 0
+    writer.truncate_after(-1)
+  else:
+    start, state, loader_state = restored
+    iter_peek.set_state(loader_state)
+    writer.truncate_after(start)
+    logging.info("resumed %s from step %d", task.name, start)
+    if io.is_writer():
+      print(f"[{task.name}] resumed from checkpoint step {start}", flush=True)
+  io.write_json(os.path.join(workdir, f"{task.name}_config.json"),
+                config.to_dict())
+
+  def train_step(state: TrainState, batch, base_rng):
+    step_rng = jax.random.fold_in(base_rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        state.params, batch, step_rng, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return TrainState(step=state.step + 1, params=params,
+                      opt_state=opt_state), metrics
+
+  p_train_step = jax.jit(train_step,
+                         in_shardings=(state_shardings, batch_shard, repl),
+                         out_shardings=(state_shardings, repl),
+                         donate_argnums=(0,))
+  p_eval_step = (jax.jit(task.eval_fn, in_shardings=(state_shardings.params,
+                                                     batch_shard),
+                         out_shardings=batch_shard)
+                 if task.eval_fn is not None else None)
+
+  num_steps = int(tcfg.num_steps)
+  log_every = int(tcfg.get("log_every", 50))
+  eval_every = int(tcfg.get("eval_every", 0)) or num_steps
+  ckpt_every = int(tcfg.get("checkpoint_every", 0)) or num_steps
+  vis_every = int(tcfg.get("visualize_every", 0)) or eval_every
+  progress = Progress(num_steps, start, task.name)
+  pending: list[dict] = []
+
+  def flush(step: int) -> None:
+    if not pending:
+      return
+    host = jax.device_get(pending)
+    pending.clear()
+    mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if not np.isfinite(mean["loss"]):
+      raise NonFiniteLossError(
+          f"{task.name}: the loss became {mean['loss']} by step {step}; the "
+          f"last good checkpoint in {workdir}/checkpoints is kept. Lower "
+          f"config.train.learning_rate or enable config.train.grad_clip.")
+    writer.write(step, mean, "train")
+    progress.update(step, mean)
+
+  step = start
+  try:
+    with mesh:
+      while step < num_steps:
+        batch = sharding.shard_batch(next(iter_peek), mesh)
+        state, metrics = p_train_step(state, batch, train_rng)
+        step += 1
+        pending.append(metrics)
+        if step % log_every == 0 or step == num_steps:
+          flush(step)
+        if p_eval_step is not None and (step % eval_every == 0
+                                        or step == num_steps):
+          flush(step)
+          ev = evaluate(task, p_eval_step, state, mesh)
+          writer.write(step, ev, "eval")
+          progress.update(step, {f"eval_{k}": v for k, v in ev.items()
+                                 if np.ndim(v) == 0})
+        if task.visualize is not None and (step % vis_every == 0
+                                           or step == num_steps):
+          task.visualize(state.params, step, workdir)
+        if step % ckpt_every == 0 or step == num_steps:
+          flush(step)
+          ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
+  finally:
+    manager.wait_until_finished()
+    writer.close()
+  return state
+
+
+class _Peek:
+  """Wraps a loader so the first batch (used for shapes) is not lost."""
+
+  def __init__(self, loader):
+    self.loader = loader
+    self._head = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._head is not None:
+      head, self._head = self._head, None
+      return head
+    return next(self.loader)
+
+  def peek(self):
+    if self._head is None:
+      self._head = next(self.loader)
+    return self._head
+
+  def get_state(self) -> dict:
+    state = dict(self.loader.get_state())
+    if self._head is not None:  # the peeked batch was not consumed yet
+      state["step"] -= 1
+    return state
+
+  def set_state(self, state: dict) -> None:
+    self._head = None
+    self.loader.set_state(state)
