@@ -26,12 +26,12 @@ def get_config(variant: str = ""):
   config.data = cu.data_config("fashion_mnist", 32)
   config.mesh = cu.mesh_config()
   config.blae = cu.blae_config(
-      family="downsample", width=64, bits=16, num_res_blocks=2,
-      downsample_factor=4, sigma=1.0, sigma_start=0.5, sigma_ramp_steps=2000,
+      family="downsample", width=32, bits=16, num_res_blocks=2,
+      downsample_factor=4, sigma=1.5, sigma_start=0.5, sigma_ramp_steps=1000,
       beta=0.0)
   config.train = cu.train_config(
-      batch_size=64, num_steps=12_000, learning_rate=1e-3, warmup_steps=200,
-      schedule="cosine", log_every=100, eval_every=1000,
+      batch_size=64, num_steps=3000, learning_rate=2e-3, warmup_steps=200,
+      schedule="cosine", log_every=100, eval_every=500,
       checkpoint_every=1000)
   config.encode = cu.encode_config()
 

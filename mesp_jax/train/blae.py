@@ -70,8 +70,14 @@ def _signed(z):
   return jnp.where(z > 0, 1.0, -1.0).astype(z.dtype)
 
 
+ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
+                       "stem_kernel", "downsample_factor", "channel_mult")
+
+
 def model_meta(config, image_shape) -> dict:
-  return {"stage": "blae", "model": config.blae.to_dict(),
+  """What a checkpoint must match to be restored (not sigma/beta)."""
+  model = {k: config.blae[k] for k in ARCHITECTURE_FIELDS}
+  return {"stage": "blae", "model": model,
           "data": config.data.name, "image_shape": list(image_shape)}
 
 

@@ -8,6 +8,7 @@ checkpoint is never silently loaded into a different model.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -38,6 +39,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
 
 def _compare_meta(saved: dict, current: dict, directory: str) -> None:
+  current = json.loads(json.dumps(current))  # tuples -> lists, as saved
   diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
            for k in sorted(set(saved) | set(current))
            if saved.get(k) != current.get(k)]

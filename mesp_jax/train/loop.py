@@ -185,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         state.params, batch, step_rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
 
@@ -222,27 +222,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
 
   step = start
   try:
-    with mesh:
-      while step < num_steps:
-        batch = sharding.shard_batch(next(iter_peek), mesh)
-        state, metrics = p_train_step(state, batch, train_rng)
-        step += 1
-        pending.append(metrics)
-        if step % log_every == 0 or step == num_steps:
-          flush(step)
-        if p_eval_step is not None and (step % eval_every == 0
-                                        or step == num_steps):
-          flush(step)
-          ev = evaluate(task, p_eval_step, state, mesh)
-          writer.write(step, ev, "eval")
-          progress.update(step, {f"eval_{k}": v for k, v in ev.items()
-                                 if np.ndim(v) == 0})
-        if task.visualize is not None and (step % vis_every == 0
-                                           or step == num_steps):
-          task.visualize(state.params, step, workdir)
-        if step % ckpt_every == 0 or step == num_steps:
-          flush(step)
-          ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
+    while step < num_steps:
+      batch = sharding.shard_batch(next(iter_peek), mesh)
+      state, metrics = p_train_step(state, batch, train_rng)
+      step += 1
+      pending.append(metrics)
+      if step % log_every == 0 or step == num_steps:
+        flush(step)
+      if p_eval_step is not None and (step % eval_every == 0
+                                      or step == num_steps):
+        flush(step)
+        ev = evaluate(task, p_eval_step, state, mesh)
+        writer.write(step, ev, "eval")
+        progress.update(step, {f"eval_{k}": v for k, v in ev.items()
+                               if np.ndim(v) == 0})
+      if task.visualize is not None and (step % vis_every == 0
+                                         or step == num_steps):
+        task.visualize(state.params, step, workdir)
+      if step % ckpt_every == 0 or step == num_steps:
+        flush(step)
+        ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
   finally:
     manager.wait_until_finished()
     writer.close()
