@@ -91,3 +91,28 @@ def encode_config(**overrides) -> ml_collections.ConfigDict:
       blae_workdir="", splits=("train", "test"), batch_size=500))
   cfg.update(overrides)
   return cfg
+
+
+def arvm_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(dict(
+      group=8, gamma=3, num_layers=4, width=128, num_heads=4, mlp_ratio=4.0,
+      num_classes=10, label_drop=0.1, embed="linear+table", dtype="float32",
+      target="onehot", sigma_s=0.5))
+  cfg.update(overrides)
+  return cfg
+
+
+def tokens_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(dict(
+      dir="", blae_workdir="", train_split="train", eval_split="test",
+      eval_examples=0))
+  cfg.update(overrides)
+  return cfg
+
+
+def sample_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(dict(
+      num_samples=64, batch_size=64, temperature=1.0, top_k=0, top_p=1.0,
+      cfg_scale=0.0, cache="ring", seed=0, arvm_workdir="", blae_workdir=""))
+  cfg.update(overrides)
+  return cfg

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from mesp_jax.config_utils import load_config
+from mesp_jax.data.tokens import load_tokens
 from mesp_jax.models import bits as bits_lib
 from mesp_jax.models.blae import BLAE
 from mesp_jax.train import blae as blae_stage
@@ -113,7 +114,7 @@ def test_encode_stage_tokens_match_sign_of_code(repo_root, tmp_path):
   blae_stage.train_and_evaluate(config, workdir)
   config.encode.blae_workdir = workdir
   paths = blae_stage.encode_stage(config, str(tmp_path / "tok"))
-  data = blae_stage.load_tokens(paths["test"])
+  data = load_tokens(paths["test"])
   assert data["tokens"].shape == (10_000, 8, 8, 1)
   model, params, _, step = blae_stage.load_blae(workdir)
   assert step == config.train.num_steps

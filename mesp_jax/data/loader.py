@@ -22,8 +22,18 @@ def to_float_images(images_uint8: np.ndarray) -> np.ndarray:
   return images_uint8.astype(np.float32) / 127.5 - 1.0
 
 
+def convert_record(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """uint8 ``image`` -> float32 in [-1, 1]; ``label`` -> int32; rest as is."""
+  out = dict(record)
+  if "image" in out and out["image"].dtype == np.uint8:
+    out["image"] = to_float_images(out["image"])
+  if "label" in out:
+    out["label"] = out["label"].astype(np.int32)
+  return out
+
+
 class Loader:
-  """Infinite iterator of process-local batches ``{'image', 'label'}``.
+  """Infinite iterator of process-local batches (``{'image', 'label'}`` etc.).
 
   Args:
     source: random-access source with ``len`` and ``read(indices)``.
@@ -99,8 +109,7 @@ class Loader:
   def __next__(self) -> dict[str, np.ndarray]:
     record = self.source.read(self.indices_for_step(self.step))
     self.step += 1
-    return {"image": to_float_images(record["image"]),
-            "label": record["label"].astype(np.int32)}
+    return convert_record(record)
 
 
 def eval_batches(source, global_batch_size: int, num_examples: int | None = None,
@@ -120,7 +129,6 @@ def eval_batches(source, global_batch_size: int, num_examples: int | None = None
     idx = np.arange(start, start + global_batch_size)
     mask = idx < n
     idx = np.minimum(idx, n - 1)[p * local:(p + 1) * local]
-    record = source.read(idx)
-    yield {"image": to_float_images(record["image"]),
-           "label": record["label"].astype(np.int32),
-           "mask": mask[p * local:(p + 1) * local]}
+    record = convert_record(source.read(idx))
+    record["mask"] = mask[p * local:(p + 1) * local]
+    yield record

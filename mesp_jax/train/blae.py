@@ -28,7 +28,6 @@ from mesp_jax.config_utils import check_choice, check_positive
 from mesp_jax.data import Loader, eval_batches, get_source
 from mesp_jax.models import bits as bits_lib
 from mesp_jax.models.blae import BLAE, bin_rate, blae_loss, build_blae, psnr
-from mesp_jax.train import checkpoint as ckpt
 from mesp_jax.train import loop, sharding
 
 
@@ -183,26 +182,14 @@ def load_blae(workdir: str, mesh=None):
   image_shape = (config.data.image_size, config.data.image_size,
                  1 if config.data.name in ("fashion_mnist", "mnist") else 3)
   model = build_blae(config.blae, image_channels=image_shape[-1])
-  tx = loop.make_optimizer(config.train)
 
-  def init_state(r):
+  def init_params(r):
     x = jnp.zeros((1,) + image_shape)
-    params = model.init(r, x, jnp.zeros((1,) + model.latent_shape(image_shape)))
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params))
+    return model.init(r, x, jnp.zeros((1,) + model.latent_shape(image_shape)))
 
-  abstract = jax.eval_shape(init_state, jax.random.key(0))
-  shardings = sharding.param_shardings(abstract, mesh)
-  manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
-                              async_save=False)
-  restored = ckpt.restore_latest(
-      manager, ckpt.abstract_with_shardings(abstract, shardings),
-      model_meta(config, image_shape))
-  if restored is None:
-    raise FileNotFoundError(f"no BL-AE checkpoint in {workdir}/checkpoints; "
-                            f"train stage 'blae' first")
-  step, state, _ = restored
-  return model, state.params, config, step
+  params, step = loop.restore_params(workdir, config, init_params,
+                                     model_meta(config, image_shape), mesh)
+  return model, params, config, step
 
 
 def encode_split(model, params, source, batch_size: int, mesh
@@ -250,14 +237,3 @@ def encode_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{tokens.shape[1:]} of {model.bits} bits -> {path}", flush=True)
     written[split] = path
   return written
-
-
-def load_tokens(path: str) -> dict:
-  """Reads a ``tokens_{split}.npz`` written by ``blae_encode``."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found; run stage 'blae_encode' on a trained BL-AE first")
-  with np.load(path) as f:
-    out = {k: f[k] for k in f.files}
-  out["bits"] = int(out["bits"])
-  return out

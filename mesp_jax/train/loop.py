@@ -248,6 +248,39 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   return state
 
 
+def restore_params(workdir: str, config: ml_collections.ConfigDict,
+                   init_params: Callable[[jax.Array], Any], meta: dict,
+                   mesh=None) -> tuple[Any, int]:
+  """Restores the parameters of a finished (or running) training workdir.
+
+  ``init_params(rng) -> params`` gives the structure; the optimizer state is
+  rebuilt from ``config.train`` so the saved TrainState matches.
+
+  Returns:
+    (params sharded on the mesh, checkpoint step).
+  """
+  mesh = mesh or sharding.make_mesh()
+  tx = make_optimizer(config.train)
+
+  def init_state(r):
+    params = init_params(r)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init_state, jax.random.key(0))
+  shardings = sharding.param_shardings(abstract, mesh)
+  manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+                              async_save=False)
+  restored = ckpt.restore_latest(
+      manager, ckpt.abstract_with_shardings(abstract, shardings), meta)
+  if restored is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {workdir}/checkpoints; train stage "
+        f"{meta.get('stage', '?')!r} into that workdir first")
+  step, state, _ = restored
+  return state.params, step
+
+
 class _Peek:
   """Wraps a loader so the first batch (used for shapes) is not lost."""
 

@@ -1,0 +1,636 @@
+"""Kernel (non-parametric) gamma-ARVM: the authors' exact estimator, fast.
+
+The model is a bank of N training token grids ``z^n`` ([N, H, W, Tp], Tp tokens
+of g bits per latent position), a flip probability ``p = Phi(-1/sigma_s)`` and
+an observation range gamma. Tokens are generated one at a time (positions in
+raster or random order, the Tp groups of a position in order); for the token at
+grid position ``i`` the context ``C`` is every already generated token whose
+position lies within Chebyshev distance gamma of ``i`` (all generated tokens
+for gamma = global) and
+
+  log w_n = sum_{j in C} log K(x_j | z^n_j),
+  p(v)    = sum_n softmax(log w)_n K(v | z^n_i),
+  log K(a|b) = d log p + (g - d) log(1 - p),   d = popcount(a xor b).
+
+How it is evaluated exactly, but fast:
+
+* ``log w_n = const + L * D_n`` with ``L = log(p / (1 - p))`` and ``D_n`` the
+  Hamming distance summed over the context. With +-1 bits,
+  ``hamming(a, b) = (g - <a, b>) / 2``, so ``log w_n = const + a_w * IP_n``
+  where ``a_w = -L / 2 >= 0`` and ``IP_n`` is the inner product of the
+  context's bits with the bank's bits. ``IP`` is an integer, computed exactly
+  by a bf16 matmul of +-1/0 values with float32 accumulation.
+* ``IP`` (one number per sample and bank entry) is kept as state and updated
+  incrementally: between consecutive steps only the tokens entering and
+  leaving the window are added/subtracted, or the state is reset and rebuilt
+  where that is cheaper (row wraps, random order). The host computes this
+  schedule once (:func:`build_schedule`); each schedule op carries a fixed
+  number ``K`` of signed token indices, so a long rebuild is split into
+  several ops; the histogram is formed in the same pass as a step's last op.
+* The weights are aggregated by the bank's token value at the current position
+  first, ``A[u] = sum_n w_n [z^n_i = u]`` (a segment sum), then
+  ``p = A @ Kmat / sum(A)`` with the 2^g x 2^g kernel matrix. Weights are
+  ``exp(a_w (IP_n - max_n IP_n))``, so the largest is exactly 1 (log-space
+  max subtraction; the running max per chunk rescales the partial sums like
+  an online softmax, and the devices' maxima are combined by ``pmax``).
+* The bank is split over every device of the mesh (``shard_map``); each device
+  keeps its [N_local, S] slice of the state and produces partial maxima and
+  partial histograms, combined by ``pmax`` / ``psum``. Within a device the bank
+  is processed in chunks of ``chunk_size`` entries, so temporaries are
+  O(chunk_size * (S + K g)) and nothing of size S x N x |C| x 2^g ever exists.
+* The whole generation is one jitted program (``lax.scan`` over the steps, a
+  ``fori_loop`` over a step's extra ops and over the chunks); the token of
+  sample s at sequence index t is drawn with the key
+  ``fold_in(fold_in(rng, s), t)``, independent of the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.special
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mesp_jax.train.sharding import DATA_AXES, make_mesh
+
+try:  # jax >= 0.7 exposes shard_map at the top level.
+  from jax import shard_map as _shard_map
+  _CHECK_KW = "check_vma"
+except ImportError:  # pragma: no cover - older jax
+  from jax.experimental.shard_map import shard_map as _shard_map
+  _CHECK_KW = "check_rep"
+
+# Folded into ``rng`` to draw the random generation order. Token draws fold in
+# the sample index (< 2^32 - 1), so the two never share a key.
+ORDER_SALT = 0xFFFFFFFF
+
+# Cost model for choosing the op width K (in bit-equivalents of matmul work):
+# one op costs about ``K * g + OP_OVERHEAD_BITS`` (the overhead is reading and
+# writing the [N, S] state once), measured on the development CPU.
+OP_OVERHEAD_BITS = 85
+
+Gamma = int | str | None
+
+
+# ---------------------------------------------------------------------------
+# Closed forms: flip probability and kernel matrix.
+# ---------------------------------------------------------------------------
+
+
+def flip_probability(sigma_s: float) -> float:
+  """``p_flip = Phi(-1 / sigma_s)``: the chance that one latent bit flips."""
+  return float(scipy.special.ndtr(-1.0 / sigma_s))
+
+
+def log_flip_probabilities(sigma_s: float) -> tuple[float, float]:
+  """``(log p_flip, log(1 - p_flip))`` computed without underflow."""
+  if sigma_s <= 0:
+    raise ValueError(f"sigma_s must be > 0, got {sigma_s}")
+  log_p = float(scipy.special.log_ndtr(-1.0 / sigma_s))
+  log_q = float(scipy.special.log_ndtr(1.0 / sigma_s))
+  return log_p, log_q
+
+
+def kernel_matrix(group: int, sigma_s: float) -> np.ndarray:
+  """The [2^g, 2^g] float64 matrix ``Kmat[u, v] = K(v | u)`` (rows sum to 1)."""
+  log_p, log_q = log_flip_probabilities(sigma_s)
+  values = np.arange(2**group)
+  d = np.asarray([bin(x).count("1") for x in range(2**group)])
+  dist = d[np.bitwise_xor(values[:, None], values[None, :])]  # [V, V]
+  return np.exp(dist * log_p + (group - dist) * log_q)
+
+
+def _weight_scale(sigma_s: float) -> float:
+  """``a_w = -log(p / (1 - p)) / 2``: log w_n = const + a_w * IP_n."""
+  log_p, log_q = log_flip_probabilities(sigma_s)
+  return 0.5 * (log_q - log_p)
+
+
+# ---------------------------------------------------------------------------
+# Generation order and the context schedule (host side, numpy).
+# ---------------------------------------------------------------------------
+
+
+def parse_gamma(gamma: Gamma) -> int | None:
+  """``None``/'global' -> None (all generated tokens); else an int >= 0."""
+  if gamma is None or (isinstance(gamma, str) and gamma.lower() == "global"):
+    return None
+  try:
+    value = int(gamma)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"gamma must be an int >= 0, None or 'global', got {gamma!r}") from None
+  if value < 0 or value != float(gamma):
+    raise ValueError(f"gamma must be an int >= 0, got {gamma!r}")
+  return value
+
+
+def generation_order(height: int, width: int,
+                     order: str | Sequence[int] | np.ndarray = "raster",
+                     rng: jax.Array | None = None) -> np.ndarray:
+  """The order in which grid positions are generated, [H * W] int.
+
+  Args:
+    height: grid height H.
+    width: grid width W.
+    order: 'raster', 'random' (a permutation drawn from
+      ``fold_in(rng, ORDER_SALT)``) or an explicit permutation of
+      ``range(H * W)`` (raster indices ``i * W + j``).
+    rng: key for 'random'.
+  """
+  num_pos = height * width
+  if isinstance(order, str):
+    if order == "raster":
+      return np.arange(num_pos)
+    if order == "random":
+      if rng is None:
+        raise ValueError("order='random' needs an rng")
+      perm = jax.random.permutation(jax.random.fold_in(rng, ORDER_SALT),
+                                    num_pos)
+      return np.asarray(perm).astype(np.int64)
+    raise ValueError(f"order must be 'raster', 'random' or a permutation, "
+                     f"got {order!r}")
+  perm = np.asarray(order).astype(np.int64).reshape(-1)
+  if sorted(perm.tolist()) != list(range(num_pos)):
+    raise ValueError(f"order must be a permutation of range({num_pos})")
+  return perm
+
+
+def context_masks(height: int, width: int, tokens_per_position: int,
+                  gamma: Gamma, positions: np.ndarray):
+  """Yields ``(t, mask)`` per generation step, in generation order.
+
+  ``t`` is the sequence index (raster position-major, group-minor) of the
+  token generated at that step and ``mask`` a [T] bool vector of the context
+  tokens (already generated, grid position within Chebyshev distance gamma).
+  """
+  gamma = parse_gamma(gamma)
+  tp = tokens_per_position
+  num_pos = height * width
+  rows = np.arange(num_pos) // width
+  cols = np.arange(num_pos) % width
+  rank = np.empty(num_pos, np.int64)
+  rank[positions] = np.arange(num_pos)
+  for p in positions:
+    before = rank < rank[p]  # [P]
+    if gamma is not None:
+      cheb = np.maximum(np.abs(rows - rows[p]), np.abs(cols - cols[p]))
+      before &= cheb <= gamma
+    for k in range(tp):
+      mask = np.repeat(before, tp)  # [T]
+      mask[p * tp:p * tp + k] = True  # earlier groups of the same position
+      yield p * tp + k, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Host-computed list of state updates.
+
+  Attributes:
+    idx: [O, K] int32 token sequence indices added to (sign +1) or subtracted
+      from (sign -1) the inner-product state; padding has sign 0.
+    sign: [O, K] float32 in {-1, 0, +1}.
+    reset: [O] bool: zero the state before applying this op.
+    first: [steps] int32 first op of each generation step.
+    count: [steps] int32 ops of each step (>= 1); the step's token is drawn
+      after its last op.
+    token: [steps] int32 sequence index of the token of each step.
+  """
+  idx: np.ndarray
+  sign: np.ndarray
+  reset: np.ndarray
+  first: np.ndarray
+  count: np.ndarray
+  token: np.ndarray
+
+  @property
+  def width(self) -> int:
+    return int(self.idx.shape[1])
+
+  @property
+  def num_ops(self) -> int:
+    return int(self.idx.shape[0])
+
+
+def build_schedule(height: int, width: int, tokens_per_position: int,
+                   gamma: Gamma, positions: np.ndarray, group: int,
+                   max_tokens: int | None = None) -> Schedule:
+  """Plans the incremental context updates for one generation order.
+
+  For every step the cheaper of "update" (add entering, subtract leaving
+  tokens) and "reset" (zero the state, add the whole context) is chosen; the
+  op width K minimises ``num_ops * (K * g + OP_OVERHEAD_BITS)``.
+
+  Args:
+    height, width, tokens_per_position: the token grid.
+    gamma: observation range (int, None or 'global').
+    positions: [H * W] generation order of positions.
+    group: bits per token g.
+    max_tokens: keep only the first steps (benchmarks time a slice); K is
+      still chosen for the whole generation.
+  """
+  tokens, resets, items = [], [], []  # per step: t, reset?, [(idx, sign)]
+  prev = np.zeros(height * width * tokens_per_position, bool)
+  for t, mask in context_masks(height, width, tokens_per_position, gamma,
+                               positions):
+    enter = np.flatnonzero(mask & ~prev)
+    leave = np.flatnonzero(prev & ~mask)
+    full = np.flatnonzero(mask)
+    is_reset = len(full) < len(enter) + len(leave)
+    if is_reset:
+      item = np.stack([full, np.ones_like(full)], 1)
+    else:
+      item = np.concatenate([np.stack([enter, np.ones_like(enter)], 1),
+                             np.stack([leave, -np.ones_like(leave)], 1)])
+    tokens.append(t)
+    resets.append(is_reset)
+    items.append(item)  # [n, 2]
+    prev = mask
+  lengths = np.asarray([len(x) for x in items])
+  widths = np.arange(1, max(int(lengths.max()), 1) + 1)
+  ops_per_width = np.maximum(
+      1, -(-lengths[None, :] // widths[:, None])).sum(1)  # [widths]
+  width_k = int(widths[np.argmin(ops_per_width *
+                                 (widths * group + OP_OVERHEAD_BITS))])
+  idx, sign, reset, first, count = [], [], [], [], []
+  for is_reset, item in zip(resets[:max_tokens], items[:max_tokens],
+                             strict=True):
+    n_ops = max(1, -(-len(item) // width_k))
+    padded = np.zeros((n_ops * width_k, 2), np.int64)  # padding: sign 0
+    padded[:len(item)] = item
+    first.append(len(reset))
+    count.append(n_ops)
+    idx.append(padded[:, 0].reshape(n_ops, width_k))
+    sign.append(padded[:, 1].reshape(n_ops, width_k))
+    reset.extend([is_reset] + [False] * (n_ops - 1))
+  token = tokens[:max_tokens]
+  return Schedule(
+      idx=np.concatenate(idx).astype(np.int32),
+      sign=np.concatenate(sign).astype(np.float32),
+      reset=np.asarray(reset, bool),
+      first=np.asarray(first, np.int32),
+      count=np.asarray(count, np.int32),
+      token=np.asarray(token, np.int32))
+
+
+# ---------------------------------------------------------------------------
+# The bank, laid out for the device program.
+# ---------------------------------------------------------------------------
+
+
+def _token_dtype(group: int):
+  if group <= 7:
+    return np.int8
+  if group <= 15:
+    return np.int16
+  return np.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBank:
+  """A token bank placed on a mesh for :func:`kernel_sample`.
+
+  Attributes:
+    chunks: [D * nc, T, c] tokens (int8/int16/int32), sharded over the mesh on
+      axis 0: device d holds chunks ``d * nc .. (d + 1) * nc - 1``; entry
+      ``(chunk, :, j)`` is bank grid ``chunk * c + j``.
+    valid: [D * nc, c] bool, False for padding.
+    mesh: the mesh.
+    size: N (real entries).
+    grid: (H, W, Tp).
+    group: g.
+    chunk: c.
+  """
+  chunks: jax.Array
+  valid: jax.Array
+  mesh: Mesh
+  size: int
+  grid: tuple[int, int, int]
+  group: int
+  chunk: int
+
+  @property
+  def chunks_per_device(self) -> int:
+    return self.chunks.shape[0] // self.mesh.size
+
+
+def _default_mesh() -> Mesh:
+  return make_mesh(devices=jax.devices()[:1])
+
+
+def prepare_bank(bank_tokens: np.ndarray | jax.Array, *, group: int,
+                 chunk_size: int = 8192, mesh: Mesh | None = None
+                 ) -> KernelBank:
+  """Pads, chunks and shards a [N, H, W, Tp] token bank over ``mesh``.
+
+  N is padded to ``D * nc * c`` (D devices, nc chunks of c <= chunk_size
+  entries per device) with masked entries.
+  """
+  bank = np.asarray(bank_tokens)
+  if bank.ndim != 4:
+    raise ValueError(f"bank_tokens must be [N, H, W, Tp], got {bank.shape}")
+  if bank.size and (bank.min() < 0 or bank.max() >= 2**group):
+    raise ValueError(f"bank tokens must lie in [0, 2^{group})")
+  mesh = _default_mesh() if mesh is None else mesh
+  if tuple(mesh.axis_names) != DATA_AXES:
+    raise ValueError(f"mesh axes must be {DATA_AXES}, got {mesh.axis_names}")
+  num, height, width, tp = bank.shape
+  if num < 1:
+    raise ValueError("the bank is empty")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  num_dev = mesh.size
+  per_dev = -(-num // num_dev)
+  nc = -(-per_dev // chunk_size)
+  c = -(-per_dev // nc)
+  padded = num_dev * nc * c
+  seq = bank.reshape(num, height * width * tp).astype(_token_dtype(group))
+  seq = np.concatenate([seq, np.zeros((padded - num, seq.shape[1]), seq.dtype)])
+  chunks = seq.reshape(num_dev * nc, c, -1).transpose(0, 2, 1)  # [D nc, T, c]
+  chunks = np.ascontiguousarray(chunks)
+  valid = (np.arange(padded) < num).reshape(num_dev * nc, c)
+  spec = NamedSharding(mesh, P(DATA_AXES))
+
+  def place(x):
+    return jax.make_array_from_callback(x.shape, spec, lambda i: x[i])
+
+  return KernelBank(chunks=place(chunks), valid=place(valid), mesh=mesh,
+                    size=num, grid=(height, width, tp), group=group, chunk=c)
+
+
+def kernel_memory_bytes(bank: KernelBank, num_samples: int,
+                        schedule_width: int, teacher_forcing: bool = False
+                        ) -> dict[str, int]:
+  """Analytic per-device peak memory of the sampling program (bytes).
+
+  Returns a dict with the bank slice, the [N_local, S] state and the
+  chunk-sized temporaries (independent of N), and their sum 'total'.
+  """
+  height, width, tp = bank.grid
+  num_tok = height * width * tp
+  nc, c, s, g = bank.chunks_per_device, bank.chunk, num_samples, bank.group
+  itemsize = np.dtype(bank.chunks.dtype).itemsize
+  out = {
+      "bank": nc * c * num_tok * itemsize + nc * c,
+      "state": nc * c * s * 4,
+      # bits [K g, c] bf16 (+ int32 unpack); product, new state, weights and
+      # their transpose [S, c]; bank row ids [c]; the histogram [V, S].
+      "chunk_temporaries": (c * schedule_width * g * (2 + 4) + 4 * c * s * 4 +
+                            c * 4 + 2**g * s * 4),
+      "samples": s * num_tok * 4 * (1 + (2**g if teacher_forcing else 0)),
+  }
+  out["total"] = sum(out.values())
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The device program.
+# ---------------------------------------------------------------------------
+
+
+def _unpack_bits(tokens: jax.Array, group: int, axis: int) -> jax.Array:
+  """Tokens -> +-1 bits as a new axis (MSB first) at ``axis`` (int32)."""
+  shifts = jnp.arange(group - 1, -1, -1, dtype=jnp.int32)
+  tok = jnp.expand_dims(tokens.astype(jnp.int32), axis)
+  shape = [1] * tok.ndim
+  shape[axis] = group
+  return ((tok >> shifts.reshape(shape)) & 1) * 2 - 1
+
+
+def _local_program(chunks, valid, idx, sign, reset, first, count, token,
+                   forced, rng, a_w, kmat, inv_temp, *, num_samples: int,
+                   group: int, teacher: bool):
+  """Runs on one device: bank slice [nc, T, c], replicated everything else."""
+  nc, num_tok, c = chunks.shape
+  s, g, v = num_samples, group, 2**group
+  width_k = idx.shape[1]
+  axes = DATA_AXES
+  sample_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(s))
+
+  def op_bits(samples, o):
+    """Signed context bits of op o: [S, K g] bf16 in {-1, 0, 1}."""
+    xs = _unpack_bits(jnp.take(samples, idx[o], axis=1), g, 2)  # [S, K, g]
+    xs = xs * sign[o][None, :, None].astype(jnp.int32)
+    return xs.reshape(s, width_k * g).astype(jnp.bfloat16)
+
+  def chunk_state(i, state, xs, o):
+    """Inner products [S, c] of chunk i after op o."""
+    z = chunks[i, idx[o]]  # [K, c]
+    zb = _unpack_bits(z, g, 1).reshape(width_k * g, c).astype(jnp.bfloat16)
+    delta = jnp.dot(xs, zb, preferred_element_type=jnp.float32)  # [S, c]
+    old = jax.lax.dynamic_index_in_dim(state, i, 0, keepdims=False)  # [S, c]
+    # The barrier materialises the new chunk once, so the state is updated in
+    # place instead of being copied to keep the old chunk alive.
+    return jax.lax.optimization_barrier(jnp.where(reset[o], 0.0, old) + delta)
+
+  def update_only(o, carry):
+    state, samples = carry
+    xs = op_bits(samples, o)
+
+    def body(i, state):
+      new = chunk_state(i, state, xs, o)
+      return jax.lax.dynamic_update_index_in_dim(state, new, i, 0)
+
+    return jax.lax.fori_loop(0, nc, body, state), samples
+
+  def update_and_histogram(state, samples, o, t):
+    """Applies op o and returns the new state and p [S, V] of token t."""
+    xs = op_bits(samples, o)
+
+    def body(i, carry):
+      state, m, agg = carry  # [S] running max inner product, [V, S] weights
+      new = chunk_state(i, state, xs, o)  # [S, c]
+      state = jax.lax.dynamic_update_index_in_dim(state, new, i, 0)
+      ok = valid[i][None, :]  # [1, c]
+      m_new = jnp.maximum(m, jnp.max(jnp.where(ok, new, -jnp.inf), 1))
+      scale = jnp.where(m == -jnp.inf, 0.0, jnp.exp(a_w * (m - m_new)))
+      w = jnp.where(ok, jnp.exp(a_w * (new - m_new[:, None])), 0.0)  # [S, c]
+      cur = jax.lax.dynamic_index_in_dim(chunks[i], t, 0, keepdims=False)
+      agg = agg * scale[None, :] + jax.ops.segment_sum(
+          w.T, cur.astype(jnp.int32), v)  # [V, S]
+      return state, m_new, agg
+
+    init = (state, jnp.full((s,), -jnp.inf, jnp.float32),
+            jnp.zeros((v, s), jnp.float32))
+    state, m, agg = jax.lax.fori_loop(0, nc, body, init)
+    m_all = jax.lax.pmax(m, axes)  # [S]
+    agg = agg * jnp.where(m == -jnp.inf, 0.0, jnp.exp(a_w * (m - m_all)))
+    agg = jax.lax.psum(agg, axes)  # [V, S]
+    p = jnp.matmul(agg.T, kmat, precision=jax.lax.Precision.HIGHEST)  # [S, V]
+    return state, p / jnp.sum(agg, 0)[:, None]
+
+  def step_body(carry, step):
+    state, samples, hists = carry
+    op0, n_ops, t = step
+    last = op0 + n_ops - 1
+    state, samples = jax.lax.fori_loop(op0, last, update_only,
+                                       (state, samples))
+    state, p = update_and_histogram(state, samples, last, t)  # p: [S, V]
+    if teacher:
+      hists = jax.lax.dynamic_update_index_in_dim(hists, p, t, 1)
+    else:
+      # inv_temp = 0 encodes temperature 0: the most likely token.
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(sample_keys)
+      logits = jnp.log(p) * jnp.where(inv_temp > 0, inv_temp, 1.0)
+      tok = jnp.where(inv_temp > 0,
+                      jax.vmap(jax.random.categorical)(keys, logits),
+                      jnp.argmax(p, axis=-1)).astype(jnp.int32)
+      samples = jax.lax.dynamic_update_index_in_dim(samples, tok, t, 1)
+    return (state, samples, hists), None
+
+  state0 = jnp.zeros((nc, s, c), jnp.float32)  # inner products IP[n, s]
+  samples0 = forced if teacher else jnp.zeros((s, num_tok), jnp.int32)
+  hists0 = jnp.zeros((s, num_tok, v) if teacher else (0,), jnp.float32)
+  (_, samples, hists), _ = jax.lax.scan(
+      step_body, (state0, samples0, hists0), (first, count, token))
+  return samples, hists
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_program(mesh: Mesh, num_samples: int, group: int, teacher: bool,
+                      key_impl: str | None):
+  """The jitted shard_map program (cached per static configuration)."""
+
+  def fn(*args):
+    args = list(args)
+    if key_impl is not None:  # typed keys travel as their key data
+      args[9] = jax.random.wrap_key_data(args[9], impl=key_impl)
+    return _local_program(*args, num_samples=num_samples, group=group,
+                          teacher=teacher)
+
+  sharded = P(DATA_AXES)
+  rep = P()
+  mapped = _shard_map(
+      fn, mesh=mesh,
+      in_specs=(sharded, sharded) + (rep,) * 11,
+      out_specs=(rep, rep), **{_CHECK_KW: False})
+  return jax.jit(mapped)
+
+
+def _replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array as a replicated global array (works across processes)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()),
+                                      lambda i: x[i])
+
+
+def _run(bank: KernelBank, schedule: Schedule, *, sigma_s: float,
+         num_samples: int, rng: jax.Array, forced: np.ndarray | None,
+         temperature: float):
+  """Runs the device program; returns ([S, T] tokens, [S, T, V] or [0])."""
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  height, width, tp = bank.grid
+  num_tok = height * width * tp
+  teacher = forced is not None
+  if not teacher:
+    forced = np.zeros((0,), np.int32)
+  else:
+    forced = np.asarray(forced, np.int32).reshape(num_samples, num_tok)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    key_impl = str(jax.random.key_impl(rng))
+    key_data = np.asarray(jax.random.key_data(rng))
+  else:
+    key_impl, key_data = None, np.asarray(rng)
+  host = (schedule.idx, schedule.sign, schedule.reset, schedule.first,
+          schedule.count, schedule.token, forced, key_data,
+          np.float32(_weight_scale(sigma_s)),
+          kernel_matrix(bank.group, sigma_s).astype(np.float32),
+          np.float32(min(1.0 / temperature, 1e30) if temperature > 0 else 0.0))
+  program = _compiled_program(bank.mesh, num_samples, bank.group,
+                              teacher, key_impl)
+  return program(bank.chunks, bank.valid,
+                 *[_replicate(x, bank.mesh) for x in host])
+
+
+def _as_bank(bank_tokens, group, chunk_size, mesh) -> KernelBank:
+  if isinstance(bank_tokens, KernelBank):
+    if bank_tokens.group != group:
+      raise ValueError(f"bank was prepared for g={bank_tokens.group}, "
+                       f"not g={group}")
+    if mesh is not None and bank_tokens.mesh != mesh:
+      raise ValueError("bank was prepared on a different mesh")
+    return bank_tokens
+  return prepare_bank(bank_tokens, group=group, chunk_size=chunk_size,
+                      mesh=mesh)
+
+
+def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
+                  group: int, sigma_s: float, gamma: Gamma, num_samples: int,
+                  rng: jax.Array, order: str | Sequence[int] = "raster",
+                  temperature: float = 1.0, chunk_size: int = 8192,
+                  mesh: Mesh | None = None,
+                  max_tokens: int | None = None) -> jax.Array:
+  """Draws samples from the kernel gamma-ARVM.
+
+  Args:
+    bank_tokens: [N, H, W, Tp] int tokens in [0, 2^g) (training latents), or
+      a :class:`KernelBank` from :func:`prepare_bank`.
+    group: bits per token g.
+    sigma_s: sampling noise; ``p_flip = Phi(-1/sigma_s)``.
+    gamma: observation range (Chebyshev radius); None or 'global' = all
+      generated tokens.
+    num_samples: S.
+    rng: PRNG key. Token t of sample s uses ``fold_in(fold_in(rng, s), t)``;
+      order='random' draws the order from ``fold_in(rng, ORDER_SALT)``.
+    order: 'raster', 'random' or an explicit permutation of the H*W positions.
+    temperature: tokens are drawn from ``p(v)^(1/temperature)`` (normalised);
+      0 takes the most likely token.
+    chunk_size: bank entries processed at once per device (bounds memory).
+    mesh: ('data', 'fsdp') mesh; the bank is split over all its devices.
+      None: one device.
+    max_tokens: generate only the first ``max_tokens`` tokens of the order
+      (the rest stay 0); for timing slices.
+
+  Returns:
+    [S, H, W, Tp] int32 tokens (replicated over the mesh).
+  """
+  bank = _as_bank(bank_tokens, group, chunk_size, mesh)
+  height, width, tp = bank.grid
+  positions = generation_order(height, width, order, rng)
+  schedule = build_schedule(height, width, tp, gamma, positions, group,
+                            max_tokens=max_tokens)
+  samples, _ = _run(bank, schedule, sigma_s=sigma_s, num_samples=num_samples,
+                    rng=rng, forced=None, temperature=temperature)
+  return samples.reshape(num_samples, height, width, tp)
+
+
+def kernel_histograms(bank_tokens: np.ndarray | jax.Array | KernelBank,
+                      context_tokens: np.ndarray | jax.Array, *, group: int,
+                      sigma_s: float, gamma: Gamma,
+                      order: str | Sequence[int] = "raster",
+                      rng: jax.Array | None = None, chunk_size: int = 8192,
+                      mesh: Mesh | None = None) -> jax.Array:
+  """Every step's histogram for fixed (teacher-forced) sequences.
+
+  Args:
+    bank_tokens: [N, H, W, Tp] tokens or a :class:`KernelBank`.
+    context_tokens: [S, H, W, Tp] tokens; the histogram of a token is computed
+      from the context formed by these tokens (as if they had been sampled).
+    group, sigma_s, gamma, order, chunk_size, mesh: as in
+      :func:`kernel_sample`; ``rng`` is needed only for order='random'.
+
+  Returns:
+    [S, H, W, Tp, 2^g] float32 histograms, indexed by the token they predict;
+    each sums to 1.
+  """
+  bank = _as_bank(bank_tokens, group, chunk_size, mesh)
+  height, width, tp = bank.grid
+  ctx = np.asarray(context_tokens)
+  if ctx.shape[1:] != (height, width, tp):
+    raise ValueError(f"context_tokens {ctx.shape} do not match the bank grid "
+                     f"{bank.grid}")
+  num_samples = ctx.shape[0]
+  positions = generation_order(height, width, order, rng)
+  schedule = build_schedule(height, width, tp, gamma, positions, group)
+  _, hists = _run(bank, schedule, sigma_s=sigma_s, num_samples=num_samples,
+                  rng=jax.random.key(0), forced=ctx, temperature=1.0)
+  return hists.reshape(num_samples, height, width, tp, 2**group)
