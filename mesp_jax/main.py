@@ -20,6 +20,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output and checkpoint folder.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (TPU pods, "
     "SLURM); the cluster is detected from the environment.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for clusters that "
+    "jax cannot detect (e.g. launch/multiprocess_local.sh).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Process count (with --multihost).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index (with --multihost).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,7 +36,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax is chatty at INFO
     logging.set_verbosity(logging.WARNING)
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   logging.info("JAX process %d/%d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

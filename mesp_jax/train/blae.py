@@ -80,6 +80,22 @@ def model_meta(config, image_shape) -> dict:
           "data": config.data.name, "image_shape": list(image_shape)}
 
 
+def make_loss_fn(model: BLAE, cfg: ml_collections.ConfigDict):
+  """The BL-AE training loss ``(params, batch, rng, step) -> (loss, metrics)``."""
+
+  def loss_fn(params, batch, rng, step):
+    x = batch["image"]  # [B, H, W, C] in [-1, 1]
+    z = model.apply(params, x, method=BLAE.encode_continuous)  # [B, h, w, C]
+    sigma = sigma_at(cfg, step)
+    recon = model.apply(params, z + sigma * jax.random.normal(rng, z.shape),
+                        method=BLAE.decode)
+    loss, mse, kl = blae_loss(recon, z, x, cfg.beta)
+    return loss, {"mse": mse, "kl": kl, "bin_rate": bin_rate(z),
+                  "sigma": sigma}
+
+  return loss_fn
+
+
 def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
   validate(config)
   train_src, eval_src = sources(config)
@@ -92,15 +108,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     code = jnp.zeros((x.shape[0],) + model.latent_shape(image_shape))
     return model.init(rng, x, code)
 
-  def loss_fn(params, batch, rng, step):
-    x = batch["image"]  # [B, H, W, C] in [-1, 1]
-    z = model.apply(params, x, method=BLAE.encode_continuous)  # [B, h, w, C]
-    sigma = sigma_at(cfg, step)
-    recon = model.apply(params, z + sigma * jax.random.normal(rng, z.shape),
-                        method=BLAE.decode)
-    loss, mse, kl = blae_loss(recon, z, x, cfg.beta)
-    return loss, {"mse": mse, "kl": kl, "bin_rate": bin_rate(z),
-                  "sigma": sigma}
+  loss_fn = make_loss_fn(model, cfg)
 
   def eval_fn(params, batch):
     x = batch["image"]

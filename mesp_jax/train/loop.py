@@ -91,6 +91,26 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   return optax.chain(*chain)
 
 
+def make_train_step(loss_fn, tx: optax.GradientTransformation):
+  """``(state, batch, base_rng) -> (state, metrics)`` for a pure loss_fn.
+
+  The step's randomness is ``fold_in(base_rng, state.step)``, so it does not
+  depend on the device count or on where a run was resumed.
+  """
+
+  def train_step(state: TrainState, batch, base_rng):
+    step_rng = jax.random.fold_in(base_rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, step_rng, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return TrainState(step=state.step + 1, params=params,
+                      opt_state=opt_state), metrics
+
+  return train_step
+
+
 def make_mesh_from_config(config: ml_collections.ConfigDict):
   mesh_cfg = config.get("mesh", ml_collections.ConfigDict())
   return sharding.make_mesh(data=mesh_cfg.get("data", -1),
@@ -179,15 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   io.write_json(os.path.join(workdir, f"{task.name}_config.json"),
                 config.to_dict())
 
-  def train_step(state: TrainState, batch, base_rng):
-    step_rng = jax.random.fold_in(base_rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-        state.params, batch, step_rng, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    return TrainState(step=state.step + 1, params=params,
-                      opt_state=opt_state), metrics
+  train_step = make_train_step(task.loss_fn, tx)
 
   p_train_step = jax.jit(train_step,
                          in_shardings=(state_shardings, batch_shard, repl),
