@@ -142,7 +142,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
             jnp.clip(model.apply(params, z, method=BLAE.decode), -1, 1))
 
   def visualize(params, step, workdir_):
-    rec_sign, rec_cont = jax.device_get(reconstruct(params, vis_images))
+    rec_sign, rec_cont = sharding.to_host(reconstruct(params, vis_images))
     rows = np.concatenate([np.asarray(vis_images), rec_sign, rec_cont])
     io.save_grid(os.path.join(workdir_, "recon_latest.png"), rows, ncol=16)
     io.save_grid(os.path.join(workdir_, f"recon_{step:07d}.png"), rows,

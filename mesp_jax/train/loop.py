@@ -130,9 +130,9 @@ def evaluate(task: Task, eval_step, state: TrainState, mesh) -> dict[str, Any]:
   sums: dict[str, np.ndarray] = {}
   count = 0.0
   for batch in task.eval_batches():
-    mask = batch.pop("mask")
-    out = eval_step(state.params, sharding.shard_batch(batch, mesh))
-    out = jax.device_get(out)
+    mask = sharding.gather_local(batch.pop("mask"))
+    out = sharding.to_host(eval_step(state.params,
+                                     sharding.shard_batch(batch, mesh)))
     m = mask.astype(np.float64)
     for k, v in out.items():
       v = np.asarray(v, np.float64)
@@ -221,7 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   def flush(step: int) -> None:
     if not pending:
       return
-    host = jax.device_get(pending)
+    host = sharding.to_host(pending)
     pending.clear()
     mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     if not np.isfinite(mean["loss"]):

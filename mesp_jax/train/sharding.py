@@ -93,3 +93,28 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       batch)
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy values of a pytree of (possibly multi-host) global arrays.
+
+  Arrays that span devices of other processes are gathered with
+  ``process_allgather``; everything else is a plain ``device_get``.
+  """
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(get, tree)
+
+
+def gather_local(x: np.ndarray) -> np.ndarray:
+  """Concatenates a process-local numpy array over processes (in order)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x),
+                                                      tiled=True))
