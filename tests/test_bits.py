@@ -42,7 +42,7 @@ def test_pack_matches_reference_and_round_trips(tokens_per_pos, group, batch,
 def test_hamming_matches_bit_count(group, seed):
   rng = np.random.default_rng(seed)
   a, b = rng.integers(0, 2**group, size=(2, 50))
-  expected = [bin(int(x) ^ int(y)).count("1") for x, y in zip(a, b)]
+  expected = [bin(int(x) ^ int(y)).count("1") for x, y in zip(a, b, strict=True)]
   np.testing.assert_array_equal(np.asarray(bits.hamming(a, b)), expected)
 
 

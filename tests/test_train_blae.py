@@ -132,3 +132,34 @@ def test_checkpoint_of_another_model_is_refused(repo_root, tmp_path):
   config.blae.width = 12
   with pytest.raises(ValueError, match="blae|model"):
     blae_stage.train_and_evaluate(config, workdir)
+
+
+def test_nan_loss_stops_without_saving_the_bad_state(repo_root, tmp_path):
+  config = smoke_config(repo_root, num_steps=6, checkpoint_every=2,
+                        log_every=1)
+  task = blae_stage.make_task(config, str(tmp_path))
+  task.visualize = None
+  good_loss = task.loss_fn
+
+  def nan_from_step_3(params, batch, rng, step):
+    loss, metrics = good_loss(params, batch, rng, step)
+    return jnp.where(step >= 2, jnp.nan, loss), metrics  # step counts from 0
+
+  task.loss_fn = nan_from_step_3
+  with pytest.raises(loop.NonFiniteLossError, match="learning_rate"):
+    loop.train(config, str(tmp_path), task)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_older(repo_root, tmp_path):
+  config = smoke_config(repo_root, num_steps=4, checkpoint_every=2)
+  workdir = str(tmp_path / "w")
+  blae_stage.train_and_evaluate(config, workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  _, _, _, step = blae_stage.load_blae(workdir)
+  assert step == 2
+  assert os.path.exists(state_dir)  # the broken step is left for inspection
