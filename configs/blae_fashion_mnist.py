@@ -10,8 +10,9 @@ Latent: 8x8 positions x 16 bits (downsampling factor 4). Binarisation comes
 from the paper's mechanism alone: a bounded code z = tanh(enc(x)) seen by the
 decoder through Gaussian noise. With the loss a per-pixel *mean* squared
 error, beta = 0.1 (the authors' value for their scaling) dominates the
-reconstruction term and pins codes near 0; a noise level near 1 with beta = 0
-drives them to +-1 (see docs/blae_binarisation.md).
+reconstruction term and pins codes near 0, so beta = 0 here; the noise level
+sets how binary the codes become (bin rate ~0.83 at sigma 1.5, higher as sigma
+ramps on to 3), see docs/blae_binarisation.md.
 """
 
 import ml_collections
@@ -27,7 +28,7 @@ def get_config(variant: str = ""):
   config.mesh = cu.mesh_config()
   config.blae = cu.blae_config(
       family="downsample", width=32, bits=16, num_res_blocks=2,
-      downsample_factor=4, sigma=1.5, sigma_start=0.5, sigma_ramp_steps=1000,
+      downsample_factor=4, sigma=3.0, sigma_start=0.5, sigma_ramp_steps=1500,
       beta=0.0)
   config.train = cu.train_config(
       batch_size=64, num_steps=3000, learning_rate=2e-3, warmup_steps=200,
@@ -36,7 +37,8 @@ def get_config(variant: str = ""):
   config.encode = cu.encode_config()
 
   if variant == "demo":
-    config.blae.update(width=32, num_res_blocks=1, sigma_ramp_steps=300)
+    config.blae.update(width=32, num_res_blocks=1, sigma=1.5,
+                       sigma_ramp_steps=300)
     config.train.update(num_steps=1500, eval_every=500, checkpoint_every=500,
                         log_every=100, warmup_steps=100)
     config.data.eval_examples = 2000
