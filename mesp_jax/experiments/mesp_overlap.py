@@ -1,0 +1,613 @@
+"""Stage ``mesp_study``: posterior overlap against the reconstruction floor.
+
+MESP (DESIGN.md): for posteriors ``q_i = q(z|x_i)``, ``q_j = q(z|x_j)`` and
+any deterministic decoder d,
+
+  ``L_rec(x_i, x_j) = (E_{z~q_i}||d(z) - x_i||^2 + E_{z~q_j}||d(z) - x_j||^2)
+  / 2 >= OVL(q_i, q_j) * ||x_i - x_j||^2 / 4``
+
+(squared error summed over pixels). The study trains, with the same
+encoder/decoder family and size,
+
+* Gaussian VAEs (:mod:`mesp_jax.models.vae`) for a list of KL weights, whose
+  posteriors are diagonal Gaussians with learned variances, and
+* a BL-AE (:mod:`mesp_jax.models.blae`), whose training posterior is
+  ``N(tanh(enc(x)), sigma^2 I)``,
+
+each by :func:`mesp_jax.train.loop.train` into ``{workdir}/{model}``
+(resumable), then measures on held-out test images, for nearest-neighbour
+pairs (pixel L2) and for random pairs:
+
+* the overlap ``OVL(q_i, q_j)``: closed form ``2 Phi(-Delta / 2)`` for the
+  BL-AE's equal variances; importance-sampled Monte Carlo with the geometric
+  proposal for the VAEs' unequal diagonal variances
+  (:func:`mesp_jax.eval.overlap.mc_log_overlap_diag`), checked against the
+  Bhattacharyya upper bound ``OVL <= BC``; all in log space (overlaps of
+  hundreds of latent dimensions underflow float64);
+* ``L_rec`` by Monte Carlo over posterior samples with one fixed set of
+  standard-normal draws shared by every image (common random numbers);
+* the bound ``OVL * ||x_i - x_j||^2 / 4`` and the bin rate.
+
+Outputs ``mesp_study.json`` and ``mesp_study.png`` (mean L_rec and mean bound
+against the mean overlap, log axes, one point per model and pair set). The
+JSON flags, for every model, whether the mean bound stays below the mean
+measured L_rec (it must: a violation means a bug, or Monte Carlo noise on a
+bound that is tight).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from scipy.special import logsumexp
+
+from mesp_jax import io
+from mesp_jax.config_utils import check_positive
+from mesp_jax.data import eval_batches
+from mesp_jax.data.loader import Loader
+from mesp_jax.eval import overlap as ovl_lib
+from mesp_jax.models.blae import BLAE, bin_rate, build_blae, psnr
+from mesp_jax.models.vae import GaussianVAE, build_vae, gaussian_kl, vae_loss
+from mesp_jax.train import blae as blae_stage
+from mesp_jax.train import loop
+from mesp_jax.train.feature_net import data_sources, host_params
+
+ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
+                       "stem_kernel", "downsample_factor", "channel_mult")
+_LOG10 = math.log(10.0)
+
+
+# --------------------------------------------------------------------------
+# Estimators (pure; tested against numpy).
+# --------------------------------------------------------------------------
+def expected_reconstruction_errors(decode: Callable[[jax.Array], jax.Array],
+                                   mean: np.ndarray, std, images: np.ndarray,
+                                   eps: np.ndarray, batch_size: int = 128
+                                   ) -> np.ndarray:
+  """``||d(mean_n + std_n * eps_s) - x_n||^2`` (summed over pixels).
+
+  Args:
+    decode: jax function, latents [B, *L] -> images [B, H, W, C].
+    mean: [N, *L] posterior means.
+    std: [N, *L] posterior standard deviations, or a scalar.
+    images: [N, H, W, C] targets.
+    eps: [S, *L] standard-normal draws, the same for every image.
+    batch_size: images decoded per call (times S samples in sequence).
+
+  Returns:
+    [N, S] float64 squared errors; their mean over S estimates
+    ``E_{z~q_n} ||d(z) - x_n||^2``.
+  """
+  mean = np.asarray(mean, np.float32)
+  std = np.broadcast_to(np.asarray(std, np.float32), mean.shape)
+  images = np.asarray(images, np.float32)
+  eps = jnp.asarray(eps, jnp.float32)
+
+  @jax.jit
+  def errors(m, s, x):
+    def one(e):  # e: [*L] one draw for the whole batch
+      rec = decode(m + s * e[None])  # [B, H, W, C]
+      return jnp.sum(jnp.square(rec - x), axis=tuple(range(1, x.ndim)))
+    return jax.lax.map(one, eps).T  # [B, S]
+
+  n = mean.shape[0]
+  batch_size = min(batch_size, n)
+  out = []
+  for start in range(0, n, batch_size):
+    args = [_pad_rows(a[start:start + batch_size], batch_size)
+            for a in (mean, std, images)]  # one compiled shape
+    real = min(batch_size, n - start)
+    out.append(np.asarray(errors(*args), np.float64)[:real])
+  return np.concatenate(out)
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+  """Pads the leading axis to ``rows`` by repeating the last row."""
+  if a.shape[0] == rows:
+    return a
+  return np.concatenate([a, np.repeat(a[-1:], rows - a.shape[0], axis=0)])
+
+
+def pair_reconstruction_loss(errors: np.ndarray, pairs: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+  """Monte Carlo ``L_rec(x_i, x_j)`` and its standard error per pair.
+
+  Args:
+    errors: [N, S] from :func:`expected_reconstruction_errors`.
+    pairs: [P, 2] indices into the N images.
+
+  Returns:
+    (L_rec [P], standard error [P]): ``(mean_s e_i + mean_s e_j) / 2`` and
+    ``sqrt(var_i / S + var_j / S) / 2`` (the two images' draws are treated as
+    independent; the estimate itself is unbiased either way).
+  """
+  errors = np.asarray(errors, np.float64)
+  s = errors.shape[1]
+  m = errors.mean(axis=1)  # [N]
+  var = errors.var(axis=1, ddof=1) if s > 1 else np.zeros_like(m)
+  i, j = pairs[:, 0], pairs[:, 1]
+  return 0.5 * (m[i] + m[j]), 0.5 * np.sqrt((var[i] + var[j]) / s)
+
+
+def log_bhattacharyya_diag(mu1, std1, mu2, std2) -> np.ndarray:
+  """``log BC`` of two diagonal Gaussians over the last axis (float64).
+
+  ``BC = integral sqrt(p q) >= integral min(p, q) = OVL``, so it is an
+  upper bound of the overlap; ``-log BC`` is the Bhattacharyya distance
+  ``D_B = sum_d [(mu1 - mu2)^2 / (4 (v1 + v2)) + 0.5 log((v1 + v2) /
+  (2 sqrt(v1 v2)))]``.
+  """
+  mu1, std1, mu2, std2 = (np.asarray(a, np.float64)
+                          for a in (mu1, std1, mu2, std2))
+  v1, v2 = std1 ** 2, std2 ** 2
+  d_b = (np.square(mu1 - mu2) / (4.0 * (v1 + v2))
+         + 0.5 * np.log((v1 + v2) / (2.0 * std1 * std2)))
+  return -np.sum(d_b, axis=-1)
+
+
+def log_mean_exp(log_values: np.ndarray) -> float:
+  """``log mean exp(v)`` without leaving log space."""
+  v = np.asarray(log_values, np.float64)
+  return float(logsumexp(v) - math.log(v.size))
+
+
+# --------------------------------------------------------------------------
+# Pairs of held-out images.
+# --------------------------------------------------------------------------
+def select_pairs(images: np.ndarray, num_nn: int, num_random: int,
+                 seed: int) -> dict[str, np.ndarray]:
+  """Nearest-neighbour and random pairs among held-out images.
+
+  ``nn``: for images 0, 1, ... in order, the pair (i, nearest other image in
+  pixel L2), unordered duplicates dropped, until ``num_nn`` pairs.
+  ``random``: uniform pairs i != j. Identical images (distance 0) are never
+  paired. Returns {"nn": [P, 2], "random": [P', 2]} int arrays.
+  """
+  flat = np.asarray(images, np.float64).reshape(images.shape[0], -1)
+  n = flat.shape[0]
+  sq = np.sum(flat ** 2, axis=1)
+  d = np.maximum(sq[:, None] + sq[None, :] - 2.0 * flat @ flat.T, 0.0)
+  d[np.arange(n), np.arange(n)] = np.inf
+  d[d < 1e-9] = np.inf  # exact duplicates say nothing about the bound
+  nn = np.argmin(d, axis=1)
+  seen, nn_pairs = set(), []
+  for i in range(n):
+    key = (min(i, nn[i]), max(i, nn[i]))
+    if np.isfinite(d[i, nn[i]]) and key not in seen:
+      seen.add(key)
+      nn_pairs.append((i, int(nn[i])))
+    if len(nn_pairs) == num_nn:
+      break
+  rng = np.random.default_rng(seed)
+  rand_pairs = []
+  for _ in range(100 * num_random):  # bounded: duplicates are skipped
+    if len(rand_pairs) == num_random:
+      break
+    i, j = rng.choice(n, 2, replace=False)
+    if np.isfinite(d[i, j]):
+      rand_pairs.append((int(i), int(j)))
+  return {"nn": np.asarray(nn_pairs, np.int64).reshape(-1, 2),
+          "random": np.asarray(rand_pairs, np.int64).reshape(-1, 2)}
+
+
+# --------------------------------------------------------------------------
+# Training the models (sub-workdirs, loop.train, resumable).
+# --------------------------------------------------------------------------
+def _format_weight(w: float) -> str:
+  """1e-3 -> '1e-3', 3e-2 -> '3e-2', 0 -> '0'."""
+  if w == 0:
+    return "0"
+  mantissa, exponent = f"{w:.0e}".split("e")
+  return f"{mantissa}e{int(exponent)}"
+
+
+def vae_task(config: ml_collections.ConfigDict, kl_weight: float
+             ) -> loop.Task:
+  """The :class:`loop.Task` of a Gaussian VAE with ``kl_weight``."""
+  train_src, eval_src = blae_stage.sources(config)
+  image_shape = train_src.image_shape
+  model = build_vae(config.model, image_channels=image_shape[-1])
+  latent = model.latent_shape(image_shape)
+
+  def init_params(rng, batch):
+    x = batch["image"]
+    return model.init(rng, x, jnp.zeros((x.shape[0],) + latent))
+
+  def loss_fn(params, batch, rng, step):
+    del step
+    x = batch["image"]  # [B, H, W, C] in [-1, 1]
+    eps = jax.random.normal(rng, (x.shape[0],) + latent)
+    recon, mean, logvar = model.apply(params, x, eps)
+    loss, mse, kl = vae_loss(recon, x, mean, logvar, kl_weight)
+    return loss, {"mse": mse, "kl": kl}
+
+  def eval_fn(params, batch):
+    x = batch["image"]
+    mean, logvar = model.apply(params, x, method=GaussianVAE.encode)
+    rec = model.apply(params, mean, method=GaussianVAE.decode)
+    b = x.shape[0]
+    return {"psnr": psnr(rec, x),  # [B], decoded from the posterior mean
+            "kl": jnp.mean(gaussian_kl(mean, logvar).reshape(b, -1), 1),
+            "mse": jnp.mean(jnp.square(rec - x), axis=(1, 2, 3))}
+
+  meta = {"stage": "vae", "model": {k: config.model[k]
+                                    for k in ARCHITECTURE_FIELDS},
+          "kl_weight": float(kl_weight), "data": config.data.name,
+          "image_shape": list(image_shape)}
+  tcfg = config.train
+  return loop.Task(
+      name="vae", init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
+      meta=meta, train_batches=Loader(train_src, tcfg.batch_size, config.seed),
+      eval_batches=lambda: eval_batches(
+          eval_src, tcfg.get("eval_batch_size", tcfg.batch_size),
+          config.data.get("eval_examples", None) or None))
+
+
+def blae_config(config: ml_collections.ConfigDict
+                ) -> ml_collections.ConfigDict:
+  """The stage-``blae`` config of the study's BL-AE (shared architecture)."""
+  sub = ml_collections.ConfigDict()
+  sub.stage = "blae"
+  sub.seed = config.seed
+  sub.data = config.data
+  sub.mesh = config.mesh
+  sub.train = config.train
+  fields = {k: config.model[k] for k in ARCHITECTURE_FIELDS}
+  fields.update(config.blae.to_dict())
+  sub.blae = ml_collections.ConfigDict(fields)
+  return sub
+
+
+def train_models(config: ml_collections.ConfigDict, workdir: str, mesh
+                 ) -> list[dict]:
+  """Trains (or resumes) every model; returns descriptions with params."""
+  models = []
+  for w in config.vae.kl_weights:
+    name = f"vae_kl{_format_weight(w)}"
+    state = loop.train(config, os.path.join(workdir, name),
+                       vae_task(config, float(w)), mesh=mesh)
+    models.append({"name": name, "kind": "vae", "kl_weight": float(w),
+                   "params": host_params(state.params),
+                   "steps": int(jax.device_get(state.step))})
+  if config.study.include_blae:
+    sub = blae_config(config)
+    task = blae_stage.make_task(sub, os.path.join(workdir, "blae"))
+    task.visualize = None
+    state = loop.train(sub, os.path.join(workdir, "blae"), task, mesh=mesh)
+    step = int(jax.device_get(state.step))
+    sigma = float(blae_stage.sigma_at(sub.blae, step))
+    models.append({"name": "blae", "kind": "blae", "sigma": sigma,
+                   "beta": float(sub.blae.beta),
+                   "params": host_params(state.params), "steps": step})
+  return models
+
+
+# --------------------------------------------------------------------------
+# Measuring one model.
+# --------------------------------------------------------------------------
+def posteriors(model_info: dict, net, images: np.ndarray, batch: int = 256
+               ) -> dict[str, np.ndarray]:
+  """Posterior parameters and reconstructions of held-out images.
+
+  Returns {"mean": [N, *L], "std": [N, *L], "rec_mean": [N, H, W, C]
+  decoded from the posterior mean, and for the BL-AE "rec_sign" decoded from
+  the sign bits}.
+  """
+  params = model_info["params"]
+  if model_info["kind"] == "vae":
+    @jax.jit
+    def enc(x):
+      mean, logvar = net.apply(params, x, method=GaussianVAE.encode)
+      return {"mean": mean, "std": jnp.exp(0.5 * logvar),
+              "rec_mean": net.apply(params, mean, method=GaussianVAE.decode)}
+  else:
+    sigma = model_info["sigma"]
+
+    @jax.jit
+    def enc(x):
+      z = net.apply(params, x, method=BLAE.encode_continuous)
+      sign = jnp.where(z > 0, 1.0, -1.0)
+      return {"mean": z, "std": jnp.full_like(z, sigma),
+              "rec_mean": net.apply(params, z, method=BLAE.decode),
+              "rec_sign": net.apply(params, sign, method=BLAE.decode)}
+  n = images.shape[0]
+  batch = min(batch, n)
+  outs = [jax.tree.map(lambda o, r=min(batch, n - s): np.asarray(o)[:r],
+                       enc(_pad_rows(images[s:s + batch], batch)))
+          for s in range(0, n, batch)]
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def measure_model(model_info: dict, net, images: np.ndarray,
+                  pairs: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
+                  seed: int) -> dict:
+  """Overlaps, L_rec and bounds of one model on every pair set."""
+  kind = model_info["kind"]
+  params = model_info["params"]
+  used = np.unique(np.concatenate([p.reshape(-1) for p in pairs.values()]))
+  post = posteriors(model_info, net, images[used])
+  mean, std = post["mean"], post["std"]
+  pos = {int(u): k for k, u in enumerate(used)}  # image index -> row
+  decode_method = GaussianVAE.decode if kind == "vae" else BLAE.decode
+
+  def decode(z):
+    return net.apply(params, z, method=decode_method)
+
+  eps = np.random.default_rng([seed, 1]).standard_normal(
+      (int(cfg.rec_samples),) + mean.shape[1:]).astype(np.float32)
+  errors = expected_reconstruction_errors(decode, mean, std, images[used],
+                                          eps, int(cfg.decode_batch_size))
+  flat_mean = mean.reshape(mean.shape[0], -1).astype(np.float64)
+  flat_std = std.reshape(std.shape[0], -1).astype(np.float64)
+  x_used = images[used].astype(np.float64)
+
+  out = {k: v for k, v in model_info.items() if k != "params"}
+  out["latent_dims"] = int(flat_mean.shape[1])
+  out["bin_rate"] = float(bin_rate(jnp.asarray(mean)))
+  out["psnr_mean_decode"] = float(np.mean(np.asarray(
+      psnr(jnp.asarray(post["rec_mean"]), jnp.asarray(images[used])))))
+  out["posterior_std_geomean"] = float(np.exp(np.mean(np.log(flat_std))))
+  if kind == "vae":
+    kl = np.asarray(gaussian_kl(jnp.asarray(mean),
+                                jnp.log(jnp.asarray(std) ** 2)))
+    per_dim = kl.reshape(kl.shape[0], -1).mean(axis=0)  # [D]
+    out["kl_per_dim"] = float(per_dim.mean())
+    out["active_dims"] = int(np.sum(per_dim > 0.01))
+  else:
+    out["psnr_sign_decode"] = float(np.mean(np.asarray(
+        psnr(jnp.asarray(post["rec_sign"]), jnp.asarray(images[used])))))
+    out["min_log_overlap_per_bit"] = float(
+        ovl_lib.log_gaussian_ovl_sigma(model_info["sigma"]))
+
+  rng = np.random.default_rng([seed, 2])
+  out["pairs"] = {}
+  for set_name, p in pairs.items():
+    a = np.asarray([pos[int(i)] for i in p[:, 0]])
+    b = np.asarray([pos[int(j)] for j in p[:, 1]])
+    if kind == "blae":
+      log_ovl = ovl_lib.log_overlap_equal_cov(
+          flat_mean[a], flat_mean[b], std=model_info["sigma"])
+      rel_err = np.zeros_like(log_ovl)
+      method = "closed form 2 Phi(-Delta/2), equal variances"
+    else:
+      ests = [ovl_lib.mc_log_overlap_diag(
+          flat_mean[i], flat_std[i], flat_mean[j], flat_std[j],
+          num_samples=int(cfg.overlap_samples), rng=rng,
+          proposal=cfg.overlap_proposal) for i, j in zip(a, b, strict=True)]
+      log_ovl = np.asarray([e.log_overlap for e in ests])
+      rel_err = np.asarray([e.rel_std_error for e in ests])
+      method = (f"Monte Carlo, {cfg.overlap_proposal} proposal, "
+                f"{int(cfg.overlap_samples)} samples per pair")
+    log_bc = log_bhattacharyya_diag(flat_mean[a], flat_std[a], flat_mean[b],
+                                    flat_std[b])
+    l_rec, l_se = pair_reconstruction_loss(errors, np.stack([a, b], 1))
+    log_bound = ovl_lib.log_pair_reconstruction_bound(
+        log_ovl, x_used[a], x_used[b], num_batch_dims=1)
+    bound = np.exp(log_bound)
+    sq_dist = np.sum((x_used[a] - x_used[b]) ** 2, axis=(1, 2, 3))
+    mean_bound = float(np.exp(log_mean_exp(log_bound)))
+    mean_l_rec = float(l_rec.mean())
+    out["pairs"][set_name] = {
+        "num_pairs": int(p.shape[0]),
+        "overlap_method": method,
+        "mean_overlap": float(np.exp(log_mean_exp(log_ovl))),
+        "log10_mean_overlap": log_mean_exp(log_ovl) / _LOG10,
+        "mean_log10_overlap": float(np.mean(log_ovl) / _LOG10),
+        "median_log10_overlap": float(np.median(log_ovl) / _LOG10),
+        "min_log10_overlap": float(np.min(log_ovl) / _LOG10),
+        "max_log10_overlap": float(np.max(log_ovl) / _LOG10),
+        "overlap_rel_std_error_median": float(np.median(rel_err)),
+        "overlap_estimate_reliable": bool(np.median(rel_err) <= 0.5),
+        "log10_mean_bhattacharyya": log_mean_exp(log_bc) / _LOG10,
+        "overlap_above_bhattacharyya": int(np.sum(
+            log_ovl > log_bc + 3.0 * rel_err + 1e-9)),
+        "mean_sq_dist": float(sq_dist.mean()),
+        "mean_l_rec": mean_l_rec,
+        "l_rec_std_error": float(np.sqrt(np.sum(l_se ** 2)) / len(l_se)),
+        "mean_bound": mean_bound,
+        "log10_mean_bound": log_mean_exp(log_bound) / _LOG10,
+        "max_bound_over_l_rec": float(np.max(bound / l_rec)),
+        "pairs_bound_above_l_rec": int(np.sum(bound > l_rec)),
+        "pairs_bound_above_l_rec_3se": int(np.sum(bound > l_rec + 3 * l_se)),
+        "bound_below_l_rec": bool(mean_bound <= mean_l_rec),
+    }
+  return out
+
+
+# --------------------------------------------------------------------------
+# Plot and stage.
+# --------------------------------------------------------------------------
+def _label(m: dict) -> str:
+  if m["kind"] == "vae":
+    return f"VAE KL {_format_weight(m['kl_weight'])}"
+  return f"BL-AE sigma {m['sigma']:g}"
+
+
+def plot(results: list[dict], path: str, title: str = "",
+         floor: float = -40.0, zoom_floor: float = -8.0) -> None:
+  """Mean L_rec (filled) and mean bound (open) against the mean overlap.
+
+  One column per pair set. Top row: the whole range, log10 axes computed
+  in log space (values below float64 are placed correctly); values under
+  ``10^floor`` are drawn at the floor and listed with their exponents.
+  Bottom row: a zoom on overlaps above ``10^zoom_floor``, where the bound
+  is not negligible. The grey line is ``OVL * mean ||x_i - x_j||^2 / 4``
+  (the family the bound points lie near), the dashed line its value at
+  OVL = 1. A '*' marks a Monte Carlo overlap whose median relative error
+  exceeds 0.5 (its true value is below the Bhattacharyya bound in the JSON).
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import FuncFormatter
+
+  sets = list(results[0]["pairs"])
+  fig, axes = plt.subplots(2, len(sets), figsize=(6.4 * len(sets), 9.4),
+                           squeeze=False,
+                           gridspec_kw={"height_ratios": [1.0, 0.8]})
+  vaes = [m for m in results if m["kind"] == "vae"]
+  cmap = plt.get_cmap("viridis")
+  power = FuncFormatter(lambda v, _: f"$10^{{{v:g}}}$")
+
+  def color_of(m):
+    if m["kind"] == "blae":
+      return "tab:red"
+    return cmap(vaes.index(m) / max(len(vaes) - 1, 1) * 0.9)
+
+  def draw(ax, set_name, lo, zoom):
+    first = results[0]["pairs"][set_name]
+    half_sq = math.log10(first["mean_sq_dist"] / 4)
+    ax.plot([lo, 0.0], [lo + half_sq, half_sq], "-", color="0.75", lw=1,
+            zorder=0, label=r"OVL $\cdot$ mean $\|x_i-x_j\|^2/4$")
+    ax.axhline(half_sq, ls="--", color="0.6", lw=1,
+               label=r"mean $\|x_i-x_j\|^2/4$ (bound at OVL = 1)")
+    off_scale = []
+    y_top = half_sq
+    for m in results:
+      s = m["pairs"][set_name]
+      color = color_of(m)
+      x_true, b_true = s["log10_mean_overlap"], s["log10_mean_bound"]
+      y_rec = math.log10(s["mean_l_rec"])
+      y_top = max(y_top, y_rec)
+      star = "" if s["overlap_estimate_reliable"] else "*"
+      if zoom and x_true < lo:
+        continue
+      x, y_bound = max(x_true, lo), max(b_true, lo)
+      ax.plot([x, x], [y_bound, y_rec], ":", color=color, lw=1)
+      ax.plot(x, y_rec, "o", color=color, ms=8, alpha=0.85)
+      ax.plot(x, y_bound, "v", mfc="none", color=color, ms=8)
+      if x_true < lo or b_true < lo:
+        off_scale.append((f"{_label(m)}{star}: OVL $10^{{{x_true:.0f}}}$, "
+                          f"bound $10^{{{b_true:.0f}}}$", color))
+      elif zoom:  # BL-AE labels to the right, VAE labels to the left
+        right = m["kind"] == "blae"
+        ax.annotate(_label(m) + star, (x, y_bound),
+                    textcoords="offset points", xytext=(8 if right else -8, -4),
+                    fontsize=8, color=color, ha="left" if right else "right")
+      elif x < zoom_floor:  # the rest is labelled in the zoom
+        ax.annotate(_label(m) + star, (x, y_rec), textcoords="offset points",
+                    xytext=(4, 7), fontsize=7.5, color=color, rotation=25)
+    for k, (text, color) in enumerate(off_scale):
+      ax.annotate(text, (lo, lo), textcoords="offset points",
+                  xytext=(10, 6 + 11 * k), fontsize=7.5, color=color)
+    ax.plot([], [], "ko", label="measured $L_{rec}$ (mean over pairs)")
+    ax.plot([], [], "kv", mfc="none",
+            label=r"bound OVL $\|x_i-x_j\|^2/4$ (mean over pairs)")
+    pad = 0.04 * -lo
+    ax.set_xlim(lo - pad, pad)
+    ax.set_ylim(lo - 2 * pad, y_top + 4 * pad + 0.5)
+    ax.xaxis.set_major_formatter(power)
+    ax.yaxis.set_major_formatter(power)
+    ax.grid(alpha=0.3)
+    ax.set_ylabel("pair loss (squared error summed over pixels)")
+    name = "nearest-neighbour" if set_name == "nn" else set_name
+    if zoom:
+      ax.set_title(f"{name} pairs: zoom on OVL > $10^{{{lo:g}}}$",
+                   fontsize=10)
+      ax.set_xlabel("mean posterior overlap OVL$(q_i, q_j)$")
+    else:
+      ax.set_title(f"{name} pairs ({first['num_pairs']})")
+      ax.set_xlabel(f"mean posterior overlap OVL$(q_i, q_j)$ (values below "
+                    f"$10^{{{lo:g}}}$ drawn at the edge)")
+      ax.legend(fontsize=7, loc="center left")
+
+  for col, set_name in enumerate(sets):
+    draw(axes[0, col], set_name, floor, zoom=False)
+    draw(axes[1, col], set_name, zoom_floor, zoom=True)
+  fig.suptitle(title or "MESP: reconstruction floor vs posterior overlap",
+               fontsize=11)
+  fig.tight_layout()
+  if io.is_writer():
+    import io as _io
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    io.atomic_write_bytes(path, buf.getvalue())
+  plt.close(fig)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  for field in ("model.width", "model.bits", "train.batch_size",
+                "train.num_steps", "study.num_heldout", "study.rec_samples",
+                "study.overlap_samples", "study.decode_batch_size"):
+    check_positive(config, field)
+  for field in ("study.num_nn_pairs", "study.num_random_pairs",
+                "blae.sigma", "blae.beta"):
+    check_positive(config, field, allow_zero=True)
+  if config.study.rec_samples < 2:
+    raise ValueError("config.study.rec_samples must be >= 2 (the standard "
+                     "error needs two draws)")
+  if not config.vae.kl_weights:
+    raise ValueError("config.vae.kl_weights is empty")
+  for w in config.vae.kl_weights:
+    if w < 0:
+      raise ValueError(f"config.vae.kl_weights has a negative weight {w}")
+  if config.study.overlap_proposal not in ("geometric", "mixture", "p"):
+    raise ValueError(f"config.study.overlap_proposal="
+                     f"{config.study.overlap_proposal!r}; choose one of "
+                     f"['geometric', 'mixture', 'p']")
+
+
+def mesp_study_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Stage ``mesp_study``: writes ``mesp_study.json`` and ``.png``."""
+  validate(config)
+  cfg = config.study
+  mesh = loop.make_mesh_from_config(config)
+  models = train_models(config, workdir, mesh)
+
+  source = data_sources(config.data, cfg.heldout_split)
+  n = min(int(cfg.num_heldout), len(source))
+  record = source.read(np.arange(n))
+  images = record["image"].astype(np.float32) / 127.5 - 1.0  # [N, H, W, C]
+  pairs = select_pairs(images, int(cfg.num_nn_pairs),
+                       int(cfg.num_random_pairs), int(cfg.seed))
+  pairs = {k: v for k, v in pairs.items() if v.shape[0]}
+  results = []
+  for m in models:
+    if m["kind"] == "vae":
+      net = build_vae(config.model, image_channels=images.shape[-1])
+    else:
+      net = build_blae(blae_config(config).blae, image_channels=images.shape[-1])
+    res = measure_model(m, net, images, pairs, cfg, int(cfg.seed))
+    res["workdir"] = os.path.abspath(os.path.join(workdir, m["name"]))
+    results.append(res)
+    if io.is_writer():
+      msg = " | ".join(
+          f"{k}: log10 OVL {s['log10_mean_overlap']:.3g}, L_rec "
+          f"{s['mean_l_rec']:.3g}, bound {s['mean_bound']:.3g}"
+          for k, s in res["pairs"].items())
+      print(f"[mesp_study] {_label(res)} (bin rate {res['bin_rate']:.3f}): "
+            f"{msg}", flush=True)
+
+  vae_ok = all(s["bound_below_l_rec"] for r in results if r["kind"] == "vae"
+               for s in r["pairs"].values())
+  all_ok = all(s["bound_below_l_rec"] for r in results
+               for s in r["pairs"].values())
+  summary = {
+      "dataset": config.data.name, "heldout_split": cfg.heldout_split,
+      "num_heldout": n,
+      "pairs": {k: {"num_pairs": int(v.shape[0])} for k, v in pairs.items()},
+      "all_vae_bounds_below_l_rec": vae_ok,
+      "all_bounds_below_l_rec": all_ok,
+      "l_rec_definition": ("(E_{z~q_i}||d(z)-x_i||^2 + E_{z~q_j}||d(z)-x_j||"
+                           "^2)/2, squared error summed over pixels in "
+                           "[-1, 1], Monte Carlo over rec_samples draws"),
+      "bound_definition": "OVL(q_i, q_j) * ||x_i - x_j||^2 / 4",
+      "models": results,
+      "config": config.to_dict(),
+  }
+  io.write_json(os.path.join(workdir, "mesp_study.json"), summary)
+  plot(results, os.path.join(workdir, "mesp_study.png"),
+       f"MESP: reconstruction floor vs posterior overlap (held-out "
+       f"{config.data.name} {cfg.heldout_split}, {n} images)")
+  if not vae_ok and cfg.get("fail_on_violation", True):
+    raise AssertionError(
+        f"a VAE's mean bound exceeds its measured L_rec (see "
+        f"{workdir}/mesp_study.json): the bound is a theorem, so this is a "
+        f"bug or Monte Carlo noise; raise config.study.rec_samples")
+  return summary

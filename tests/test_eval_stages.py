@@ -1,0 +1,188 @@
+"""Stages train_feature_net, evaluate and mesp_study; VAE KL; L_rec estimator.
+
+Each test compares with something independent: numpy statistics of features
+from a direct forward pass, known copies, closed-form KL, a numpy evaluation
+of the pair loss for a linear decoder.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesp_jax.config_utils import load_config
+from mesp_jax.data import get_source
+from mesp_jax.data.loader import to_float_images
+from mesp_jax.eval import evaluate as evaluate_lib
+from mesp_jax.eval.fid import ReferenceStats
+from mesp_jax.experiments import mesp_overlap
+from mesp_jax.models.feature_net import FeatureNet
+from mesp_jax.models.vae import GaussianVAE, vae_loss
+from mesp_jax.train import feature_net as fn_stage
+
+FD_NAME = "fd_fashion_mnist_classifier"
+
+
+def _config(repo_root, name):
+  return load_config(os.path.join(repo_root, "configs", name))
+
+
+def _images(split, indices):
+  src = get_source("fashion_mnist", split, image_size=32)
+  return to_float_images(src.read(np.asarray(indices))["image"])
+
+
+@pytest.fixture(scope="module")
+def feature_net_dir(repo_root, tmp_path_factory):
+  config = _config(repo_root, "feature_net_fashion_mnist.py:smoke")
+  workdir = str(tmp_path_factory.mktemp("feature_net"))
+  stats = fn_stage.train_and_evaluate(config, workdir)
+  return workdir, config, stats
+
+
+def test_feature_net_stage_writes_reference_stats(feature_net_dir):
+  workdir, config, stats = feature_net_dir
+  model, params, _, step = fn_stage.load_feature_net(workdir)
+  assert step == config.train.num_steps
+  n = config.feature_net.reference_examples
+  for split in ("train", "test"):
+    # Independent features: one direct forward pass, not the batched helper.
+    feats = np.asarray(model.apply({"params": params},
+                                   jnp.asarray(_images(split, np.arange(n))),
+                                   method=FeatureNet.features), np.float64)
+    cached = ReferenceStats.load(workdir, "fashion_mnist", split, FD_NAME)
+    assert cached.num_samples == n == stats[split].num_samples
+    np.testing.assert_allclose(cached.mu, feats.mean(axis=0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(cached.sigma, np.cov(feats, rowvar=False),
+                               rtol=1e-3, atol=1e-6)
+  with open(os.path.join(workdir, "reference_stats.json")) as f:
+    assert json.load(f)["splits"]["test"]["checkpoint_step"] == step
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
+  assert 0.0 <= evals[-1]["accuracy"] <= 1.0
+
+
+def test_evaluate_real_beats_noise_and_counts_copies(repo_root, tmp_path,
+                                                     feature_net_dir):
+  fn_dir = feature_net_dir[0]
+  config = _config(repo_root, "evaluate_fashion_mnist.py:smoke")
+  n_train = config.evaluate.copy_rate_train_examples
+  # 96 unseen test images + 32 training images (exact copies).
+  real = np.concatenate([_images("test", np.arange(5000, 5096)),
+                         _images("train", np.arange(0, n_train, n_train // 32
+                                                    )[:32])])
+  noise = np.random.default_rng(0).uniform(-1, 1, real.shape).astype(
+      np.float32)
+  results = {}
+  for name, images in (("real", real), ("noise", noise)):
+    path = str(tmp_path / f"{name}.npz")
+    np.savez(path, images=images)
+    config.evaluate.samples = path
+    config.evaluate.feature_net_workdir = fn_dir
+    config.evaluate.copy_rate = name == "real"
+    results[name] = evaluate_lib.evaluate_stage(config, str(tmp_path / name))
+    with open(tmp_path / name / "eval.json") as f:
+      assert json.load(f)[FD_NAME] == pytest.approx(results[name][FD_NAME])
+  real_r, noise_r = results["real"], results["noise"]
+  assert real_r[FD_NAME] < noise_r[FD_NAME]
+  assert real_r["reference_test_vs_train"][FD_NAME] < noise_r[FD_NAME]
+  # Honest names: no FID number without the Inception weights.
+  assert real_r["fid"] is None and real_r["inception_score"] is None
+  assert any("not FID" in note for note in real_r["notes"])
+  assert not any(k.startswith("fid") and v is not None
+                 for k, v in real_r.items())
+  assert real_r["feature_net"]["name"] == FD_NAME
+  # Exactly the 32 training images are copies (PSNR = inf >= 25 dB).
+  mem = real_r["memorization"]
+  assert mem["num_copies"] == 32
+  assert mem["copy_rate"] == pytest.approx(32 / 128)
+  assert noise_r["memorization"] is None
+
+
+def test_vae_kl_equals_closed_form():
+  model = GaussianVAE(family="downsample", width=8, bits=3,
+                      num_res_blocks=1, downsample_factor=4)
+  x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 1)),
+                  jnp.float32)
+  eps = jnp.zeros((2, 4, 4, 3))
+  params = model.init(jax.random.key(0), x, eps)
+  mean, logvar = model.apply(params, x, method=GaussianVAE.encode)
+  assert mean.shape == logvar.shape == (2, 4, 4, 3)
+  # Shift the posterior away from N(0, 1) so the KL is far from zero.
+  mean, logvar = mean + 0.7, logvar - 1.3
+  recon = model.apply(params, mean, method=GaussianVAE.decode)
+  loss, mse, kl = vae_loss(recon, x, mean, logvar, kl_weight=0.25)
+
+  mu = np.asarray(mean, np.float64).reshape(2, -1)
+  var = np.exp(np.asarray(logvar, np.float64)).reshape(2, -1)
+  d = mu.shape[1]
+  kls = []
+  for b in range(2):  # KL(N(mu, S) || N(0, I)), general multivariate form
+    cov = np.diag(var[b])
+    kls.append(0.5 * (np.trace(cov) + mu[b] @ mu[b] - d
+                      - np.linalg.slogdet(cov)[1]))
+  want_kl = np.mean(kls) / d  # mean-normalised: nats per latent dimension
+  want_mse = np.mean((np.asarray(recon, np.float64) - np.asarray(x)) ** 2)
+  np.testing.assert_allclose(float(kl), want_kl, rtol=1e-5)
+  np.testing.assert_allclose(float(mse), want_mse, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want_mse + 0.25 * want_kl,
+                             rtol=1e-5)
+
+
+def test_l_rec_estimator_matches_numpy_for_linear_decoder():
+  rng = np.random.default_rng(0)
+  n, latent, pixels, s = 5, (2, 2, 3), (4, 4, 1), 7
+  dim, npix = int(np.prod(latent)), int(np.prod(pixels))
+  w = rng.standard_normal((dim, npix)).astype(np.float32) * 0.3
+  bias = rng.standard_normal(npix).astype(np.float32) * 0.1
+  mean = rng.standard_normal((n,) + latent).astype(np.float32)
+  std = rng.uniform(0.1, 1.0, (n,) + latent).astype(np.float32)
+  x = rng.uniform(-1, 1, (n,) + pixels).astype(np.float32)
+  eps = rng.standard_normal((s,) + latent).astype(np.float32)
+  pairs = np.asarray([[0, 1], [2, 4], [3, 0]])
+
+  def decode(z):
+    flat = z.reshape(z.shape[0], -1) @ w + bias
+    return flat.reshape((z.shape[0],) + pixels)
+
+  errors = mesp_overlap.expected_reconstruction_errors(
+      decode, mean, std, x, eps, batch_size=2)  # uneven batches on purpose
+  l_rec, se = mesp_overlap.pair_reconstruction_loss(errors, pairs)
+
+  def err(k):  # [S] direct numpy
+    m, sd, t = (a.astype(np.float64).reshape(-1) for a in (mean[k], std[k],
+                                                           x[k]))
+    z = m[None] + sd[None] * eps.reshape(s, -1).astype(np.float64)
+    rec = z @ w.astype(np.float64) + bias
+    return np.sum((rec - t[None]) ** 2, axis=1)
+
+  want = [0.5 * (err(i).mean() + err(j).mean()) for i, j in pairs]
+  want_se = [0.5 * np.sqrt((err(i).var(ddof=1) + err(j).var(ddof=1)) / s)
+             for i, j in pairs]
+  np.testing.assert_allclose(l_rec, want, rtol=1e-5)
+  np.testing.assert_allclose(se, want_se, rtol=1e-4)
+
+
+def test_mesp_study_smoke(repo_root, tmp_path):
+  config = _config(repo_root, "mesp_study_fashion_mnist.py:smoke")
+  summary = mesp_overlap.mesp_study_stage(config, str(tmp_path))
+  assert (tmp_path / "mesp_study.png").stat().st_size > 1000
+  with open(tmp_path / "mesp_study.json") as f:
+    saved = json.load(f)
+  kinds = [m["kind"] for m in saved["models"]]
+  assert kinds.count("vae") == len(config.vae.kl_weights)
+  assert "blae" in kinds
+  assert saved["all_vae_bounds_below_l_rec"] is True
+  for m in summary["models"]:
+    for s in m["pairs"].values():
+      assert s["num_pairs"] > 0
+      assert np.isfinite(s["log10_mean_overlap"])
+      assert s["log10_mean_overlap"] <= 1e-9  # OVL <= 1
+      assert s["mean_bound"] <= s["mean_l_rec"]
+      if m["kind"] == "vae":
+        assert s["bound_below_l_rec"] is True
+        assert s["overlap_above_bhattacharyya"] == 0
