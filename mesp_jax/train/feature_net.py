@@ -37,7 +37,6 @@ from mesp_jax.models.feature_net import (
     classifier_loss,
     feature_net_name,
 )
-from mesp_jax.train import checkpoint as ckpt
 from mesp_jax.train import loop, sharding
 from mesp_jax.train.blae import load_config_json, sources
 
@@ -209,22 +208,8 @@ def load_feature_net(workdir: str, mesh=None):
   source = data_sources(config.data, config.data.get("eval_split", "test"))
   image_shape = source.image_shape
   model = build_feature_net(config.feature_net)
-  tx = loop.make_optimizer(config.train)
-
-  def init_state(r):
-    params = model.init(r, jnp.zeros((1,) + tuple(image_shape)))["params"]
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(init_state, jax.random.key(0))
-  shardings = sharding.param_shardings(abstract, mesh)
-  manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
-                              async_save=False)
-  restored = ckpt.restore_latest(
-      manager, ckpt.abstract_with_shardings(abstract, shardings),
-      model_meta(config, image_shape))
-  if restored is None:
-    raise FileNotFoundError(f"no feature-net checkpoint in {workdir}/"
-                            f"checkpoints; run stage 'train_feature_net' first")
-  step, state, _ = restored
-  return model, host_params(state.params), config, step
+  params, step = loop.restore_params(
+      workdir, config,
+      lambda r: model.init(r, jnp.zeros((1,) + tuple(image_shape)))["params"],
+      model_meta(config, image_shape), mesh)
+  return model, host_params(params), config, step
