@@ -1,0 +1,164 @@
+"""Stages kernel_sample and gamma_sweep on a tiny BL-AE and a synthetic bank.
+
+References are independent of the code under test: brute-force numpy Hamming
+distances between sample and bank latents, and the BL-AE's decoder called
+directly on the stored tokens.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mesp_jax.config_utils import load_config
+from mesp_jax.eval import fid as fid_lib
+from mesp_jax.experiments import gamma_sweep as gs
+from mesp_jax.models.blae import decode_tokens
+from mesp_jax.train import blae as blae_stage
+
+BANK_SIZE = 96
+GRID = (8, 8)  # the smoke BL-AE: 32x32 images, factor 4, 8 bits per position
+
+
+@pytest.fixture(scope="module")
+def tiny_bank(repo_root, tmp_path_factory):
+  """A 2-step smoke BL-AE and a bank of distinct random 8-bit latents."""
+  root = tmp_path_factory.mktemp("gamma_sweep")
+  blae_cfg = load_config(os.path.join(repo_root,
+                                      "configs/blae_fashion_mnist.py:smoke"))
+  blae_cfg.train.update(num_steps=2, checkpoint_every=2, eval_every=2,
+                        log_every=2)
+  blae_dir = str(root / "blae")
+  blae_stage.train_and_evaluate(blae_cfg, blae_dir)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, size=(BANK_SIZE, *GRID, 1)).astype(np.int32)
+  flat = tokens.reshape(BANK_SIZE, -1)
+  assert len(np.unique(flat, axis=0)) == BANK_SIZE  # distinct latents
+  token_dir = root / "tokens"
+  token_dir.mkdir()
+  np.savez(token_dir / "tokens_train.npz", tokens=tokens,
+           labels=np.zeros(BANK_SIZE, np.int32), bits=np.int32(8),
+           blae_workdir=np.asarray(blae_dir))
+  return {"root": root, "tokens_dir": str(token_dir), "blae_dir": blae_dir,
+          "tokens": tokens}
+
+
+def smoke_config(repo_root, tokens_dir, **kernel):
+  config = load_config(os.path.join(
+      repo_root, "configs/gamma_sweep_fashion_mnist.py:smoke"))
+  config.tokens.dir = tokens_dir
+  config.kernel.update(kernel)
+  return config
+
+
+def min_hamming_bits(samples: np.ndarray, bank: np.ndarray) -> np.ndarray:
+  """Brute force: [S] smallest bitwise Hamming distance to any bank latent."""
+  s = samples.reshape(samples.shape[0], -1).astype(np.uint8)
+  b = bank.reshape(bank.shape[0], -1).astype(np.uint8)
+  xor = s[:, None, :] ^ b[None, :, :]  # [S, N, T]
+  return np.unpackbits(xor[..., None], axis=-1).sum(axis=(2, 3)).min(axis=1)
+
+
+def test_sweep_writes_results_and_global_context_copies(repo_root, tiny_bank,
+                                                        tmp_path):
+  config = smoke_config(repo_root, tiny_bank["tokens_dir"], sigma_s=0.2)
+  config.sweep.gammas = "0,global"
+  workdir = str(tmp_path / "sweep")
+  gs.gamma_sweep_stage(config, workdir)
+
+  with open(os.path.join(workdir, "gamma_sweep.json")) as f:
+    out = json.load(f)
+  assert [r["gamma"] for r in out["results"]] == ["0", "global"]
+  assert out["bank"]["size"] == BANK_SIZE
+  assert out["distance"]["name"] == "fd_pixels"
+  for row in out["results"]:
+    for key in ("copy_rate", "copy_rate_recon", "copy_rate_latent"):
+      assert 0.0 <= row[key] <= 1.0
+    assert np.isfinite(row["fd_pixels"]) and row["fd_pixels"] >= 0
+    for name in ("samples.png", "triplets.png", "triplets_recon.png"):
+      assert os.path.exists(os.path.join(workdir, row["dir"], name))
+  with Image.open(os.path.join(workdir, "gamma_sweep.png")) as im:
+    assert im.size[0] > 400 and im.size[1] > 200
+
+  bank = tiny_bank["tokens"]
+  total_bits = bank[0].size * 8
+  by_gamma = {r["gamma"]: r for r in out["results"]}
+  for label in ("0", "global"):
+    with np.load(os.path.join(workdir, f"kernel_gamma_{label}",
+                              "samples.npz")) as f:
+      ham = min_hamming_bits(f["tokens"], bank)
+    want = np.mean(ham <= 0.01 * total_bits)
+    assert by_gamma[label]["copy_rate_latent"] == pytest.approx(want)
+    if label == "global":
+      # p_flip = Phi(-5) = 3e-7: every sample is exactly a bank entry.
+      np.testing.assert_array_equal(ham, 0)
+      assert by_gamma[label]["copy_rate_latent"] == 1.0
+      assert by_gamma[label]["copy_rate_recon"] == 1.0
+    else:
+      # Without context, tokens mix bank entries: far from every latent.
+      assert by_gamma[label]["copy_rate_latent"] == 0.0
+
+
+def test_gamma0_large_sigma_does_not_copy(repo_root, tiny_bank, tmp_path):
+  config = smoke_config(repo_root, tiny_bank["tokens_dir"], sigma_s=2.0)
+  config.sweep.gammas = "0"
+  workdir = str(tmp_path / "sweep")
+  out = gs.gamma_sweep_stage(config, workdir)
+  (row,) = out["results"]
+  with np.load(os.path.join(workdir, "kernel_gamma_0", "samples.npz")) as f:
+    ham = min_hamming_bits(f["tokens"], tiny_bank["tokens"])
+  assert row["copy_rate_latent"] == pytest.approx(np.mean(ham <= 5))
+  assert row["copy_rate_latent"] < 0.5
+  assert np.median(ham) > 50  # of 512 bits
+
+
+def test_kernel_sample_stage_images_decode_from_tokens(repo_root, tiny_bank,
+                                                       tmp_path):
+  config = smoke_config(repo_root, tiny_bank["tokens_dir"], sigma_s=0.5,
+                        gamma=1, num_samples=12, batch_size=8)
+  config.stage = "kernel_sample"
+  workdir = str(tmp_path / "ks")
+  gs.kernel_sample_stage(config, workdir)
+  assert os.path.exists(os.path.join(workdir, "samples.png"))
+  with np.load(os.path.join(workdir, "samples.npz")) as f:
+    tokens, images = f["tokens"], f["images"]
+    assert str(f["gamma"]) == "1"
+  assert tokens.shape == (12, *GRID, 1)
+  assert images.shape == (12, 32, 32, 1)
+  assert tokens.min() >= 0 and tokens.max() < 256
+  model, params, _, _ = blae_stage.load_blae(tiny_bank["blae_dir"])
+  want = np.asarray(decode_tokens(model, params, tokens, 8))
+  np.testing.assert_allclose(images, want, atol=1e-5)
+
+
+def test_config_parsing_and_plot_positions():
+  assert gs.parse_gammas("0, 1,global") == [0, 1, None]
+  assert gs.parse_gammas((2, "global")) == [2, None]
+  with pytest.raises(ValueError, match="duplicates"):
+    gs.parse_gammas("1,global,GLOBAL")
+  with pytest.raises(ValueError):
+    gs.parse_gammas("")
+  assert gs.parse_workdir_map("3=/a, global=/b") == {"3": "/a",
+                                                     "global": "/b"}
+  assert gs.parse_workdir_map({1: "/c"}) == {"1": "/c"}
+  with pytest.raises(ValueError, match="gamma=workdir"):
+    gs.parse_workdir_map("/a")
+  assert gs.gamma_positions(["0", "1", "5", "global"]) == {
+      "0": 0.0, "1": 1.0, "5": 5.0, "global": 7.0}
+  assert gs.json_safe({"a": [float("inf"), 1.0]}) == {"a": ["inf", 1.0]}
+
+
+@pytest.mark.parametrize("num", [2, 7, 40])
+def test_low_rank_frechet_distance_equals_the_reference(num):
+  rng = np.random.default_rng(num)
+  dim = 24
+  ref = rng.normal(size=(200, dim)) @ rng.normal(size=(dim, dim)) + 0.3
+  mu, sigma = fid_lib.feature_stats(ref)
+  fake = rng.normal(size=(num, dim)) * 1.5
+  want = fid_lib.frechet_distance(mu, sigma, *fid_lib.feature_stats(fake))
+  got = gs.frechet_distance_to_samples(mu, sigma, fake)
+  # The D x D reference takes square roots of the round-off (~1e-13) left in
+  # its D - S + 1 zero eigenvalues, which moves it by ~1e-6.
+  assert got == pytest.approx(want, rel=1e-7)
