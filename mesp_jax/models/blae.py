@@ -109,6 +109,21 @@ class Decoder(nn.Module):
     return nn.Conv(self.image_channels, (3, 3), name="out")(nn.silu(h))
 
 
+def encoder_decoder(module, code_channels: int) -> tuple[Encoder, Decoder]:
+  """The encoder (to ``code_channels``) and decoder of a BLAE-like module.
+
+  ``module`` carries the BLAE architecture fields (family, width, bits, ...);
+  the Gaussian VAE reuses this with ``code_channels = 2 * bits``.
+  """
+  common = dict(family=module.family, width=module.width,
+                num_res_blocks=module.num_res_blocks,
+                stem_kernel=module.stem_kernel,
+                downsample_factor=module.downsample_factor,
+                channel_mult=tuple(module.channel_mult))
+  return (Encoder(bits=code_channels, **common),
+          Decoder(image_channels=module.image_channels, **common))
+
+
 class BLAE(nn.Module):
   """The binary latent autoencoder.
 
@@ -132,13 +147,7 @@ class BLAE(nn.Module):
   image_channels: int = 1
 
   def setup(self):
-    common = dict(family=self.family, width=self.width,
-                  num_res_blocks=self.num_res_blocks,
-                  stem_kernel=self.stem_kernel,
-                  downsample_factor=self.downsample_factor,
-                  channel_mult=tuple(self.channel_mult))
-    self.encoder = Encoder(bits=self.bits, **common)
-    self.decoder = Decoder(image_channels=self.image_channels, **common)
+    self.encoder, self.decoder = encoder_decoder(self, self.bits)
 
   def encode_continuous(self, x):
     """[B, H, W, C] in [-1, 1] -> z = tanh(enc(x)) [B, h, w, bits]."""

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mesp_jax.models.blae import FAMILIES, Decoder, Encoder
+from mesp_jax.models.blae import FAMILIES, encoder_decoder
 
 
 class GaussianVAE(nn.Module):
@@ -56,13 +56,7 @@ class GaussianVAE(nn.Module):
   image_channels: int = 1
 
   def setup(self):
-    common = dict(family=self.family, width=self.width,
-                  num_res_blocks=self.num_res_blocks,
-                  stem_kernel=self.stem_kernel,
-                  downsample_factor=self.downsample_factor,
-                  channel_mult=tuple(self.channel_mult))
-    self.encoder = Encoder(bits=2 * self.bits, **common)
-    self.decoder = Decoder(image_channels=self.image_channels, **common)
+    self.encoder, self.decoder = encoder_decoder(self, 2 * self.bits)
 
   def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, H, W, C] in [-1, 1] -> (mean, logvar), each [B, h, w, bits]."""
