@@ -7,4 +7,4 @@ bash launch/setup.sh
 .venv/bin/ruff check mesp_jax configs tests
 export XLA_FLAGS="--xla_force_host_platform_device_count=8"
 export JAX_PLATFORMS=cpu
-.venv/bin/python -m pytest tests -q "$@"
+.venv/bin/python -m pytest tests "$@"
