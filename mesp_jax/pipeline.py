@@ -18,11 +18,24 @@ import os
 import time
 
 import ml_collections
+import numpy as np
 
 from mesp_jax import io
 from mesp_jax.train import arvm as arvm_stage
 from mesp_jax.train import blae as blae_stage
 from mesp_jax.train.metrics import read_metrics
+
+
+def _tokens_current(tokens_dir: str, blae_step: int) -> bool:
+  """True if both token files exist and came from the BL-AE's final step."""
+  for split in ("train", "test"):
+    path = os.path.join(tokens_dir, f"tokens_{split}.npz")
+    if not os.path.exists(path):
+      return False
+    with np.load(path) as f:
+      if int(f["checkpoint_step"]) != blae_step:
+        return False
+  return True
 
 
 def _last(records: list[dict], split: str) -> dict:
@@ -41,10 +54,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timings["blae_s"] = time.time() - t0
 
   t = time.time()
-  tokens_ready = all(os.path.exists(os.path.join(dirs["tokens"],
-                                                 f"tokens_{s}.npz"))
-                     for s in ("train", "test"))
-  if not tokens_ready or config.get("reencode", False):
+  if not _tokens_current(dirs["tokens"], int(blae_cfg.train.num_steps)) or \
+      config.get("reencode", False):
     enc_cfg = ml_collections.ConfigDict(blae_cfg.to_dict())
     enc_cfg.encode.blae_workdir = dirs["blae"]
     enc_cfg.encode.splits = ("train", "test")
