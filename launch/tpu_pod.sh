@@ -7,7 +7,7 @@
 set -euo pipefail
 CONFIG="${1:?config file}"; WORKDIR="${2:?workdir (gs://...)}"; shift 2
 TPU="${TPU:?set TPU=name}"; ZONE="${ZONE:?set ZONE=zone}"
-REPO="${REPO:-https://example.invalid/mesp_jax.git}"  # your clone URL
+REPO="${REPO:?set REPO=the git URL of your mesp_jax clone}"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="
   set -e
   [ -d mesp_jax ] || git clone $REPO mesp_jax
