@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesp_jax.config_utils import load_config
+from mesp_jax.data import image_channels
 from mesp_jax.models.blae import build_blae
 from mesp_jax.train import blae as blae_stage
 from mesp_jax.train import loop, sharding
@@ -26,7 +27,7 @@ def run(spec: str, steps: int, warmup: int, batch_size: int | None) -> dict:
     raise ValueError(f"{spec}: the train benchmark times stage 'blae' configs")
   if batch_size:
     config.train.batch_size = batch_size
-  channels = 1 if config.data.name in ("fashion_mnist", "mnist") else 3
+  channels = image_channels(config.data.name)
   size = config.data.image_size
   model = build_blae(config.blae, channels)
   mesh = loop.make_mesh_from_config(config)

@@ -4,4 +4,9 @@ Images leave this package as ``[B, H, W, C]`` float32 in ``[-1, 1]``.
 """
 
 from mesp_jax.data.loader import Loader, eval_batches  # noqa: F401
-from mesp_jax.data.sources import DataNotFoundError, get_source  # noqa: F401
+from mesp_jax.data.sources import (  # noqa: F401
+    DataNotFoundError,
+    get_source,
+    image_channels,
+    source_from_config,
+)

@@ -174,6 +174,20 @@ class TfdsSource:
     return {"image": images, "label": labels}
 
 
+def source_from_config(data_cfg, split: str):
+  """``get_source`` for a ``config.data`` section (name, image_size, dirs)."""
+  kw = dict(image_size=data_cfg.image_size,
+            data_dir=data_cfg.get("data_dir") or None)
+  if data_cfg.get("fashion_mnist_dir"):
+    kw["fashion_mnist_dir"] = data_cfg.fashion_mnist_dir
+  return get_source(data_cfg.name, split, **kw)
+
+
+def image_channels(name: str) -> int:
+  """Channels of a supported data set's images (1 grey, 3 RGB)."""
+  return 1 if name in ("fashion_mnist", "mnist") else 3
+
+
 def get_source(name: str, split: str, *, image_size: int = 32,
                data_dir: str | None = None,
                fashion_mnist_dir: str = DEBIAN_FASHION_MNIST):

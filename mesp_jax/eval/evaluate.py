@@ -40,6 +40,7 @@ import numpy as np
 
 from mesp_jax import io
 from mesp_jax.config_utils import check_positive
+from mesp_jax.data import source_from_config
 from mesp_jax.data.loader import to_float_images
 from mesp_jax.eval import fid as fid_lib
 from mesp_jax.models.feature_net import classifier_features, feature_net_name
@@ -164,7 +165,7 @@ def inception_metrics(samples: np.ndarray, data_cfg, cfg, cache_dir: str,
   limit = int(cfg.inception_reference_examples) or None
 
   def compute():
-    source = fn_stage.data_sources(data_cfg, "train")
+    source = source_from_config(data_cfg, "train")
     n = len(source) if limit is None else min(limit, len(source))
     feats = []
     for start in range(0, n, 1000):
@@ -275,7 +276,7 @@ def memorization(samples, fake_features, refs, data_cfg, cfg, name: str,
                  mesh) -> dict:
   """Copy rate against the train split, and the distance of the non-copies."""
   mem = importlib.import_module(MEMORIZATION_MODULE)
-  source = fn_stage.data_sources(data_cfg, "train")
+  source = source_from_config(data_cfg, "train")
   limit = int(cfg.copy_rate_train_examples) or None
   n_train = len(source) if limit is None else min(limit, len(source))
   train = to_float_images(source.read(np.arange(n_train))["image"])
@@ -314,7 +315,7 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   feature_net = _load_feature_net(cfg)
   fn_data = feature_net[2].data
-  shape = fn_stage.data_sources(fn_data, fn_data.get("eval_split", "test")
+  shape = source_from_config(fn_data, fn_data.get("eval_split", "test")
                                 ).image_shape
   samples = load_samples(cfg.samples, shape)
   if int(cfg.max_samples):

@@ -57,7 +57,7 @@ from jax.sharding import Mesh
 
 from mesp_jax import io
 from mesp_jax.config_utils import check_choice, check_positive
-from mesp_jax.data import get_source
+from mesp_jax.data import source_from_config
 from mesp_jax.data.loader import to_float_images
 from mesp_jax.data.tokens import load_tokens, repack
 from mesp_jax.eval import fid as fid_lib
@@ -222,11 +222,7 @@ def make_decoder(model, params, group: int, mesh: Mesh,
 def read_images(data_cfg: ml_collections.ConfigDict, split: str,
                 limit: int = 0) -> np.ndarray:
   """The first ``limit`` (0 = all) images of a split, [N, H, W, C] in [-1, 1]."""
-  kw = dict(image_size=data_cfg.image_size,
-            data_dir=data_cfg.get("data_dir") or None)
-  if data_cfg.get("fashion_mnist_dir"):
-    kw["fashion_mnist_dir"] = data_cfg.fashion_mnist_dir
-  source = get_source(data_cfg.name, split, **kw)
+  source = source_from_config(data_cfg, split)
   n = len(source) if not limit else min(limit, len(source))
   return to_float_images(source.read(np.arange(n))["image"])
 

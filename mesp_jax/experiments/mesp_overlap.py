@@ -49,14 +49,14 @@ from scipy.special import logsumexp
 
 from mesp_jax import io
 from mesp_jax.config_utils import check_positive
-from mesp_jax.data import eval_batches
-from mesp_jax.data.loader import Loader
+from mesp_jax.data import eval_batches, source_from_config
+from mesp_jax.data.loader import Loader, to_float_images
 from mesp_jax.eval import overlap as ovl_lib
 from mesp_jax.models.blae import BLAE, bin_rate, build_blae, psnr
 from mesp_jax.models.vae import GaussianVAE, build_vae, gaussian_kl, vae_loss
 from mesp_jax.train import blae as blae_stage
 from mesp_jax.train import loop
-from mesp_jax.train.feature_net import data_sources, host_params
+from mesp_jax.train.feature_net import host_params
 
 ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
                        "stem_kernel", "downsample_factor", "channel_mult")
@@ -560,10 +560,10 @@ def mesp_study_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = loop.make_mesh_from_config(config)
   models = train_models(config, workdir, mesh)
 
-  source = data_sources(config.data, cfg.heldout_split)
+  source = source_from_config(config.data, cfg.heldout_split)
   n = min(int(cfg.num_heldout), len(source))
   record = source.read(np.arange(n))
-  images = record["image"].astype(np.float32) / 127.5 - 1.0  # [N, H, W, C]
+  images = to_float_images(record["image"])  # [N, H, W, C] in [-1, 1]
   pairs = select_pairs(images, int(cfg.num_nn_pairs),
                        int(cfg.num_random_pairs), int(cfg.seed))
   pairs = {k: v for k, v in pairs.items() if v.shape[0]}

@@ -25,7 +25,8 @@ from jax.experimental import multihost_utils
 
 from mesp_jax import io
 from mesp_jax.config_utils import check_choice, check_positive
-from mesp_jax.data import Loader, eval_batches, get_source
+from mesp_jax.data import Loader, eval_batches, image_channels, source_from_config
+from mesp_jax.data.loader import to_float_images
 from mesp_jax.models import bits as bits_lib
 from mesp_jax.models.blae import BLAE, bin_rate, blae_loss, build_blae, psnr
 from mesp_jax.train import loop, sharding
@@ -50,11 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def sources(config):
   d = config.data
-  kw = dict(image_size=d.image_size, data_dir=d.get("data_dir") or None)
-  if d.get("fashion_mnist_dir"):
-    kw["fashion_mnist_dir"] = d.fashion_mnist_dir
-  return (get_source(d.name, d.get("train_split", "train"), **kw),
-          get_source(d.name, d.get("eval_split", "test"), **kw))
+  return (source_from_config(d, d.get("train_split", "train")),
+          source_from_config(d, d.get("eval_split", "test")))
 
 
 def sigma_at(cfg, step):
@@ -132,7 +130,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
             "bit_usage_max": float(usage.max()),
             "psnr_gap": float(m["psnr_continuous"] - m["psnr"])}
 
-  vis_images = to_device_images(eval_src, 16)
+  vis_images = to_float_images(
+      eval_src.read(np.arange(min(16, len(eval_src))))["image"])
 
   @jax.jit
   def reconstruct(params, x):
@@ -160,11 +159,6 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
       summarize_eval=summarize_eval, visualize=visualize)
 
 
-def to_device_images(source, n: int) -> np.ndarray:
-  record = source.read(np.arange(min(n, len(source))))
-  return record["image"].astype(np.float32) / 127.5 - 1.0
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Stage ``blae``: trains (or resumes) the BL-AE in ``workdir``."""
   return loop.train(config, workdir, make_task(config, workdir))
@@ -188,7 +182,7 @@ def load_blae(workdir: str, mesh=None):
   config = load_config_json(workdir, "blae")
   mesh = mesh or sharding.make_mesh()
   image_shape = (config.data.image_size, config.data.image_size,
-                 1 if config.data.name in ("fashion_mnist", "mnist") else 3)
+                 image_channels(config.data.name))
   model = build_blae(config.blae, image_channels=image_shape[-1])
 
   def init_params(r):
@@ -229,11 +223,7 @@ def encode_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_size = max(dp, batch_size // dp * dp)
   written = {}
   for split in config.encode.splits:
-    kw = dict(image_size=blae_config.data.image_size,
-              data_dir=blae_config.data.get("data_dir") or None)
-    if blae_config.data.get("fashion_mnist_dir"):
-      kw["fashion_mnist_dir"] = blae_config.data.fashion_mnist_dir
-    source = get_source(blae_config.data.name, split, **kw)
+    source = source_from_config(blae_config.data, split)
     tokens, labels = encode_split(model, params, source, batch_size, mesh)
     path = os.path.join(workdir, f"tokens_{split}.npz")
     io.save_npz(path, tokens=tokens, labels=labels,

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from mesp_jax import io
 from mesp_jax.config_utils import check_positive
-from mesp_jax.data import get_source
+from mesp_jax.data import source_from_config
 from mesp_jax.data.loader import Loader, eval_batches, to_float_images
 from mesp_jax.eval.fid import ReferenceStats
 from mesp_jax.models.feature_net import (
@@ -130,14 +130,6 @@ def source_features(model: FeatureNet, params, source,
   return np.concatenate(out)
 
 
-def data_sources(data_cfg: ml_collections.ConfigDict, split: str):
-  kw = dict(image_size=data_cfg.image_size,
-            data_dir=data_cfg.get("data_dir") or None)
-  if data_cfg.get("fashion_mnist_dir"):
-    kw["fashion_mnist_dir"] = data_cfg.fashion_mnist_dir
-  return get_source(data_cfg.name, split, **kw)
-
-
 def reference_stats(config: ml_collections.ConfigDict, workdir: str,
                     model: FeatureNet, params, step: int
                     ) -> dict[str, ReferenceStats]:
@@ -155,7 +147,7 @@ def reference_stats(config: ml_collections.ConfigDict, workdir: str,
       previous = json.load(f).get("splits", {})
   out, record = {}, {}
   for split in fcfg.reference_splits:
-    source = data_sources(config.data, split)
+    source = source_from_config(config.data, split)
     limit = int(fcfg.reference_examples) or None
     n = len(source) if limit is None else min(limit, len(source))
     path = ReferenceStats.path(workdir, config.data.name, split, name)
@@ -205,7 +197,7 @@ def load_feature_net(workdir: str, mesh=None):
   """
   config = load_config_json(workdir, STAGE)
   mesh = mesh or sharding.make_mesh()
-  source = data_sources(config.data, config.data.get("eval_split", "test"))
+  source = source_from_config(config.data, config.data.get("eval_split", "test"))
   image_shape = source.image_shape
   model = build_feature_net(config.feature_net)
   params, step = loop.restore_params(
