@@ -30,14 +30,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mesp_jax.train.sharding import DATA_AXES, make_mesh
-
-try:  # jax >= 0.7 exposes shard_map at the top level.
-  from jax import shard_map as _shard_map
-  _CHECK_KW = "check_vma"
-except ImportError:  # pragma: no cover - older jax
-  from jax.experimental.shard_map import shard_map as _shard_map
-  _CHECK_KW = "check_rep"
+from mesp_jax.train.sharding import (
+  DATA_AXES,
+  SHARD_MAP_CHECK_KW,
+  make_mesh,
+  shard_map,
+)
 
 METRICS = ("l2", "l1", "hamming", "hamming_tokens")
 _INT_MAX = np.iinfo(np.int32).max
@@ -137,8 +135,8 @@ def _local_search(queries, refs, ref_index, *, metric: str, recheck: int,
 def _search_program(mesh: Mesh, metric: str, recheck: int, group: int):
   fn = functools.partial(_local_search, metric=metric, recheck=recheck,
                          group=group)
-  mapped = _shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXES), P(DATA_AXES)),
-                      out_specs=(P(), P()), **{_CHECK_KW: False})
+  mapped = shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXES), P(DATA_AXES)),
+                      out_specs=(P(), P()), **{SHARD_MAP_CHECK_KW: False})
   return jax.jit(mapped)
 
 

@@ -57,14 +57,12 @@ import scipy.special
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mesp_jax.train.sharding import DATA_AXES, make_mesh
-
-try:  # jax >= 0.7 exposes shard_map at the top level.
-  from jax import shard_map as _shard_map
-  _CHECK_KW = "check_vma"
-except ImportError:  # pragma: no cover - older jax
-  from jax.experimental.shard_map import shard_map as _shard_map
-  _CHECK_KW = "check_rep"
+from mesp_jax.train.sharding import (
+  DATA_AXES,
+  SHARD_MAP_CHECK_KW,
+  make_mesh,
+  shard_map,
+)
 
 # Folded into ``rng`` to draw the random generation order. Token draws fold in
 # the sample index (< 2^32 - 1), so the two never share a key.
@@ -506,10 +504,10 @@ def _compiled_program(mesh: Mesh, num_samples: int, group: int, teacher: bool,
 
   sharded = P(DATA_AXES)
   rep = P()
-  mapped = _shard_map(
+  mapped = shard_map(
       fn, mesh=mesh,
       in_specs=(sharded, sharded) + (rep,) * 11,
-      out_specs=(rep, rep), **{_CHECK_KW: False})
+      out_specs=(rep, rep), **{SHARD_MAP_CHECK_KW: False})
   return jax.jit(mapped)
 
 

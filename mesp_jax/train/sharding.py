@@ -18,6 +18,13 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 
+try:  # jax >= 0.7 exposes shard_map at the top level.
+  from jax import shard_map  # noqa: F401 (re-exported)
+  SHARD_MAP_CHECK_KW = "check_vma"  # shard_map(..., **{SHARD_MAP_CHECK_KW: False})
+except ImportError:  # pragma: no cover - older jax
+  from jax.experimental.shard_map import shard_map  # noqa: F401
+  SHARD_MAP_CHECK_KW = "check_rep"
+
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   """A ``('data', 'fsdp')`` mesh over ``devices`` (default: all devices).
