@@ -20,7 +20,7 @@ from mesp_jax.eval import evaluate as evaluate_lib
 from mesp_jax.eval.fid import ReferenceStats
 from mesp_jax.experiments import mesp_overlap
 from mesp_jax.models.feature_net import FeatureNet
-from mesp_jax.models.vae import GaussianVAE, vae_loss
+from mesp_jax.models.vae import GaussianVAE, calibrated_elbo_loss, vae_loss
 from mesp_jax.train import feature_net as fn_stage
 
 FD_NAME = "fd_fashion_mnist_classifier"
@@ -133,6 +133,66 @@ def test_vae_kl_equals_closed_form():
                              rtol=1e-5)
 
 
+def test_calibrated_elbo_is_the_gaussian_nll_at_its_best_variance():
+  rng = np.random.default_rng(3)
+  x = rng.uniform(-1, 1, (3, 8, 8, 1))
+  recon = x + 0.2 * rng.standard_normal(x.shape)
+  mean = rng.standard_normal((3, 2, 2, 4))
+  logvar = rng.uniform(-3, 0.5, mean.shape)
+  loss, mse, kl = calibrated_elbo_loss(*(jnp.asarray(a, jnp.float32)
+                                         for a in (recon, x, mean, logvar)))
+
+  def neg_elbo_per_pixel(s2):  # sum over the batch, direct numpy
+    nll = np.sum(0.5 * np.log(2 * np.pi * s2) + (recon - x) ** 2 / (2 * s2))
+    var = np.exp(logvar)
+    kl_sum = np.sum(0.5 * (mean ** 2 + var - 1 - logvar))
+    return (nll + kl_sum) / x.size
+
+  want_s2 = np.mean((recon - x) ** 2)
+  np.testing.assert_allclose(float(mse), want_s2, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), neg_elbo_per_pixel(want_s2),
+                             rtol=1e-5)
+  # s^2 = mse is the minimiser over the pixel variance.
+  for factor in (0.8, 0.95, 1.05, 1.25):
+    assert neg_elbo_per_pixel(factor * want_s2) > float(loss)
+  assert float(kl) > 0
+
+
+def _fake_result(name, kind, nn, random, reliable=True, **extra):
+  def entry(v):
+    return {"log10_mean_overlap": v, "log10_mean_bhattacharyya": v + 1,
+            "log10_mean_overlap_lower_bound": 2 * (v + 1) - 0.3,
+            "overlap_estimate_reliable": reliable}
+  return {"name": name, "kind": kind, "pairs": {"nn": entry(nn),
+                                                "random": entry(random)},
+          **extra}
+
+
+def test_compare_ranks_models_and_sets_elbo_vae_against_primary_blae():
+  results = [
+      _fake_result("vae_kl1e-4", "vae", -50.0, -80.0, kl_weight=1e-4),
+      _fake_result("vae_klelbo", "vae", -20.0, -30.0, reliable=False,
+                   kl_weight="elbo"),
+      _fake_result("blae_sigma0.1", "blae", -25.0, -10.0, sigma=0.1),
+      _fake_result("blae_sigma1", "blae", -3.0, -4.0, sigma=1.0)]
+  out = mesp_overlap.compare(results, primary_blae_sigma=0.1)
+  assert out["nn"]["lowest_overlap_model"] == "vae_kl1e-4"
+  assert [n for n, _ in out["random"]["ranking_low_to_high"]] == [
+      "vae_kl1e-4", "vae_klelbo", "blae_sigma0.1", "blae_sigma1"]
+  assert out["nn"]["blae"] == "blae_sigma0.1"
+  assert out["nn"]["blae_below_elbo_vae"] is True
+  assert out["random"]["blae_below_elbo_vae"] is False
+  assert out["nn"]["conclusive"] is False
+  # Certified: the BL-AE's -25 against the VAE's lower bounds -38.3 / -58.3.
+  assert out["nn"]["blae_below_elbo_vae_certified"] is False
+  results[2]["pairs"]["nn"]["log10_mean_overlap"] = -40.0
+  out = mesp_overlap.compare(results, primary_blae_sigma=0.1)
+  assert out["nn"]["blae_below_elbo_vae_certified"] is True
+  # Without an ELBO VAE there is nothing to set against.
+  alone = mesp_overlap.compare(results[2:], primary_blae_sigma=0.1)
+  assert "blae_below_elbo_vae" not in alone["nn"]
+
+
 def test_l_rec_estimator_matches_numpy_for_linear_decoder():
   rng = np.random.default_rng(0)
   n, latent, pixels, s = 5, (2, 2, 3), (4, 4, 1), 7
@@ -174,9 +234,15 @@ def test_mesp_study_smoke(repo_root, tmp_path):
   with open(tmp_path / "mesp_study.json") as f:
     saved = json.load(f)
   kinds = [m["kind"] for m in saved["models"]]
-  assert kinds.count("vae") == len(config.vae.kl_weights)
-  assert "blae" in kinds
+  assert kinds.count("vae") == len(config.vae.kl_weights) + 1  # + ELBO VAE
+  assert kinds.count("blae") == len(config.blae.sigmas)
   assert saved["all_vae_bounds_below_l_rec"] is True
+  comparison = saved["comparison"]["nn"]
+  assert comparison["blae"] == f"blae_sigma{config.study.primary_blae_sigma:g}"
+  assert isinstance(comparison["blae_below_elbo_vae"], bool)
+  elbo = [m for m in saved["models"] if m.get("kl_weight") == "elbo"][0]
+  assert elbo["effective_kl_weight"] == pytest.approx(
+      2 * elbo["pixel_mse_sampled"] * elbo["latent_dims"] / (32 * 32))
   for m in summary["models"]:
     for s in m["pairs"].values():
       assert s["num_pairs"] > 0
@@ -186,3 +252,25 @@ def test_mesp_study_smoke(repo_root, tmp_path):
       if m["kind"] == "vae":
         assert s["bound_below_l_rec"] is True
         assert s["overlap_above_bhattacharyya"] == 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("study.primary_blae_sigma", 0.5, "primary_blae_sigma=0.5 is not in"),
+    ("blae.sigmas", (0.1, 0.0), "every BL-AE noise level must be > 0"),
+    ("vae.kl_weights", (), None),  # fine while calibrated_elbo is on
+    ("study.num_nn_pairs", 0, None),
+])
+def test_mesp_study_config_errors_name_the_field(repo_root, field, value,
+                                                 message):
+  config = _config(repo_root, "mesp_study_fashion_mnist.py:smoke")
+  section, name = field.split(".")
+  config[section][name] = value
+  if message is None:
+    mesp_overlap.validate(config)
+  else:
+    with pytest.raises(ValueError, match=message):
+      mesp_overlap.validate(config)
+  config.vae.calibrated_elbo = False
+  config.vae.kl_weights = ()
+  with pytest.raises(ValueError, match="no VAE to train"):
+    mesp_overlap.validate(config)

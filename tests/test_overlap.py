@@ -229,6 +229,51 @@ def test_reconstruction_bound_batch_axes():
   np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
+def _log_bc_1d_quad(m1, s1, m2, s2) -> float:
+  f = lambda x: math.sqrt(stats.norm.pdf(x, m1, s1) * stats.norm.pdf(x, m2, s2))
+  lo = min(m1 - 15 * s1, m2 - 15 * s2)
+  hi = max(m1 + 15 * s1, m2 + 15 * s2)
+  return math.log(integrate.quad(f, lo, hi, limit=500, epsabs=0.0,
+                                 epsrel=1e-11)[0])
+
+
+@pytest.mark.parametrize("m1,s1,m2,s2", [
+    (0.0, 1.0, 1.0, 1.0), (0.0, 1.0, 4.0, 1.0), (0.0, 1.0, 1.0, 2.0),
+    (2.0, 0.3, -1.0, 5.0), (0.0, 1.0, 0.0, 1.5)])
+def test_bhattacharyya_diag_matches_quadrature_1d(m1, s1, m2, s2):
+  got = ov.log_bhattacharyya_diag([m1], [s1], [m2], [s2])
+  np.testing.assert_allclose(got, _log_bc_1d_quad(m1, s1, m2, s2),
+                             rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(-8, 8), st.floats(0.05, 5), st.floats(0.05, 5))
+def test_bc_bracket_contains_the_exact_1d_overlap(m2, s1, s2):
+  log_ovl = ov.log_overlap_1d(0.0, s1, m2, s2)
+  lower, upper = ov.log_overlap_bracket_from_bc(
+      ov.log_bhattacharyya_diag([0.0], [s1], [m2], [s2]))
+  assert lower <= log_ovl + 1e-9
+  assert log_ovl <= upper + 1e-9
+
+
+def test_bc_bracket_contains_equal_cov_overlap_far_below_float_range():
+  rng = np.random.default_rng(0)
+  d = 300
+  mu1, mu2 = rng.normal(size=(2, 5, d)) * np.asarray([0.1, 1, 3, 10, 30])[
+      :, None]
+  std = np.full(d, 0.7)
+  log_ovl = ov.log_overlap_equal_cov(mu1, mu2, std=std)  # [5], exact
+  lower, upper = ov.log_overlap_bracket_from_bc(
+      ov.log_bhattacharyya_diag(mu1, std, mu2, std))
+  assert log_ovl.min() < -700  # beyond float64, so the log form matters
+  assert np.all(lower <= log_ovl + 1e-9)
+  assert np.all(log_ovl <= upper + 1e-9)
+  # Identical distributions: BC = OVL = 1, and the bracket closes.
+  lower, upper = ov.log_overlap_bracket_from_bc(
+      ov.log_bhattacharyya_diag(mu1[0], std, mu1[0], std))
+  np.testing.assert_allclose([lower, upper], 0.0, atol=1e-12)
+
+
 def test_gaussian_ovl_sigma_is_overlap_of_opposite_bits():
   for sigma in (0.1, 0.5, 2.0):
     ref = _quad_ovl_1d(-1.0, sigma, 1.0, sigma, points=[0.0])

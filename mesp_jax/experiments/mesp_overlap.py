@@ -9,10 +9,12 @@ any deterministic decoder d,
 (squared error summed over pixels). The study trains, with the same
 encoder/decoder family and size,
 
-* Gaussian VAEs (:mod:`mesp_jax.models.vae`) for a list of KL weights, whose
-  posteriors are diagonal Gaussians with learned variances, and
-* a BL-AE (:mod:`mesp_jax.models.blae`), whose training posterior is
-  ``N(tanh(enc(x)), sigma^2 I)``,
+* Gaussian VAEs (:mod:`mesp_jax.models.vae`) for a list of KL weights, and
+  optionally one at its ELBO with a calibrated decoder
+  (:func:`mesp_jax.models.vae.calibrated_elbo_loss`: no free KL weight),
+  whose posteriors are diagonal Gaussians with learned variances, and
+* BL-AEs (:mod:`mesp_jax.models.blae`) for a list of noise levels sigma,
+  whose training posterior is ``N(tanh(enc(x)), sigma^2 I)``,
 
 each by :func:`mesp_jax.train.loop.train` into ``{workdir}/{model}``
 (resumable), then measures on held-out test images, for nearest-neighbour
@@ -32,14 +34,15 @@ Outputs ``mesp_study.json`` and ``mesp_study.png`` (mean L_rec and mean bound
 against the mean overlap, log axes, one point per model and pair set). The
 JSON flags, for every model, whether the mean bound stays below the mean
 measured L_rec (it must: a violation means a bug, or Monte Carlo noise on a
-bound that is tight).
+bound that is tight), and holds the comparison of docs/mesp_study.md: the
+ELBO VAE against the BL-AE at ``study.primary_blae_sigma``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +56,20 @@ from mesp_jax.data import eval_batches, source_from_config
 from mesp_jax.data.loader import Loader, to_float_images
 from mesp_jax.eval import overlap as ovl_lib
 from mesp_jax.models.blae import BLAE, bin_rate, build_blae, psnr
-from mesp_jax.models.vae import GaussianVAE, build_vae, gaussian_kl, vae_loss
+from mesp_jax.models.vae import (
+    GaussianVAE,
+    build_vae,
+    calibrated_elbo_loss,
+    gaussian_kl,
+    vae_loss,
+)
 from mesp_jax.train import blae as blae_stage
 from mesp_jax.train import loop
 from mesp_jax.train.feature_net import host_params
 
 ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
                        "stem_kernel", "downsample_factor", "channel_mult")
+ELBO = "elbo"  # the KL "weight" of the VAE trained on its calibrated ELBO
 _LOG10 = math.log(10.0)
 
 
@@ -135,22 +145,6 @@ def pair_reconstruction_loss(errors: np.ndarray, pairs: np.ndarray
   return 0.5 * (m[i] + m[j]), 0.5 * np.sqrt((var[i] + var[j]) / s)
 
 
-def log_bhattacharyya_diag(mu1, std1, mu2, std2) -> np.ndarray:
-  """``log BC`` of two diagonal Gaussians over the last axis (float64).
-
-  ``BC = integral sqrt(p q) >= integral min(p, q) = OVL``, so it is an
-  upper bound of the overlap; ``-log BC`` is the Bhattacharyya distance
-  ``D_B = sum_d [(mu1 - mu2)^2 / (4 (v1 + v2)) + 0.5 log((v1 + v2) /
-  (2 sqrt(v1 v2)))]``.
-  """
-  mu1, std1, mu2, std2 = (np.asarray(a, np.float64)
-                          for a in (mu1, std1, mu2, std2))
-  v1, v2 = std1 ** 2, std2 ** 2
-  d_b = (np.square(mu1 - mu2) / (4.0 * (v1 + v2))
-         + 0.5 * np.log((v1 + v2) / (2.0 * std1 * std2)))
-  return -np.sum(d_b, axis=-1)
-
-
 def log_mean_exp(log_values: np.ndarray) -> float:
   """``log mean exp(v)`` without leaving log space."""
   v = np.asarray(log_values, np.float64)
@@ -199,17 +193,23 @@ def select_pairs(images: np.ndarray, num_nn: int, num_random: int,
 # --------------------------------------------------------------------------
 # Training the models (sub-workdirs, loop.train, resumable).
 # --------------------------------------------------------------------------
-def _format_weight(w: float) -> str:
-  """1e-3 -> '1e-3', 3e-2 -> '3e-2', 0 -> '0'."""
+def _format_weight(w: float | str) -> str:
+  """1e-3 -> '1e-3', 3e-2 -> '3e-2', 0 -> '0', 'elbo' -> 'elbo'."""
+  if w == ELBO:
+    return ELBO
   if w == 0:
     return "0"
   mantissa, exponent = f"{w:.0e}".split("e")
   return f"{mantissa}e{int(exponent)}"
 
 
-def vae_task(config: ml_collections.ConfigDict, kl_weight: float
+def vae_task(config: ml_collections.ConfigDict, kl_weight: float | str
              ) -> loop.Task:
-  """The :class:`loop.Task` of a Gaussian VAE with ``kl_weight``."""
+  """The :class:`loop.Task` of a Gaussian VAE.
+
+  ``kl_weight``: a float for :func:`vae_loss`, or ``"elbo"`` for
+  :func:`calibrated_elbo_loss`.
+  """
   train_src, eval_src = blae_stage.sources(config)
   image_shape = train_src.image_shape
   model = build_vae(config.model, image_channels=image_shape[-1])
@@ -224,7 +224,10 @@ def vae_task(config: ml_collections.ConfigDict, kl_weight: float
     x = batch["image"]  # [B, H, W, C] in [-1, 1]
     eps = jax.random.normal(rng, (x.shape[0],) + latent)
     recon, mean, logvar = model.apply(params, x, eps)
-    loss, mse, kl = vae_loss(recon, x, mean, logvar, kl_weight)
+    if kl_weight == ELBO:
+      loss, mse, kl = calibrated_elbo_loss(recon, x, mean, logvar)
+    else:
+      loss, mse, kl = vae_loss(recon, x, mean, logvar, kl_weight)
     return loss, {"mse": mse, "kl": kl}
 
   def eval_fn(params, batch):
@@ -238,7 +241,8 @@ def vae_task(config: ml_collections.ConfigDict, kl_weight: float
 
   meta = {"stage": "vae", "model": {k: config.model[k]
                                     for k in ARCHITECTURE_FIELDS},
-          "kl_weight": float(kl_weight), "data": config.data.name,
+          "kl_weight": kl_weight if kl_weight == ELBO else float(kl_weight),
+          "data": config.data.name,
           "image_shape": list(image_shape)}
   tcfg = config.train
   return loop.Task(
@@ -249,9 +253,9 @@ def vae_task(config: ml_collections.ConfigDict, kl_weight: float
           config.data.get("eval_examples", None) or None))
 
 
-def blae_config(config: ml_collections.ConfigDict
+def blae_config(config: ml_collections.ConfigDict, sigma: float
                 ) -> ml_collections.ConfigDict:
-  """The stage-``blae`` config of the study's BL-AE (shared architecture)."""
+  """The stage-``blae`` config of the study's BL-AE with a fixed ``sigma``."""
   sub = ml_collections.ConfigDict()
   sub.stage = "blae"
   sub.seed = config.seed
@@ -259,7 +263,8 @@ def blae_config(config: ml_collections.ConfigDict
   sub.mesh = config.mesh
   sub.train = config.train
   fields = {k: config.model[k] for k in ARCHITECTURE_FIELDS}
-  fields.update(config.blae.to_dict())
+  fields.update(sigma=float(sigma), sigma_start=float(sigma),
+                sigma_ramp_steps=0, beta=float(config.blae.beta))
   sub.blae = ml_collections.ConfigDict(fields)
   return sub
 
@@ -268,23 +273,26 @@ def train_models(config: ml_collections.ConfigDict, workdir: str, mesh
                  ) -> list[dict]:
   """Trains (or resumes) every model; returns descriptions with params."""
   models = []
-  for w in config.vae.kl_weights:
+  weights = [float(w) for w in config.vae.kl_weights]
+  if config.vae.calibrated_elbo:
+    weights.append(ELBO)
+  for w in weights:
     name = f"vae_kl{_format_weight(w)}"
     state = loop.train(config, os.path.join(workdir, name),
-                       vae_task(config, float(w)), mesh=mesh)
-    models.append({"name": name, "kind": "vae", "kl_weight": float(w),
+                       vae_task(config, w), mesh=mesh)
+    models.append({"name": name, "kind": "vae", "kl_weight": w,
                    "params": host_params(state.params),
                    "steps": int(jax.device_get(state.step))})
-  if config.study.include_blae:
-    sub = blae_config(config)
-    task = blae_stage.make_task(sub, os.path.join(workdir, "blae"))
+  for sigma in config.blae.sigmas:
+    name = f"blae_sigma{float(sigma):g}"
+    sub = blae_config(config, sigma)
+    task = blae_stage.make_task(sub, os.path.join(workdir, name))
     task.visualize = None
-    state = loop.train(sub, os.path.join(workdir, "blae"), task, mesh=mesh)
-    step = int(jax.device_get(state.step))
-    sigma = float(blae_stage.sigma_at(sub.blae, step))
-    models.append({"name": "blae", "kind": "blae", "sigma": sigma,
+    state = loop.train(sub, os.path.join(workdir, name), task, mesh=mesh)
+    models.append({"name": name, "kind": "blae", "sigma": float(sigma),
                    "beta": float(sub.blae.beta),
-                   "params": host_params(state.params), "steps": step})
+                   "params": host_params(state.params),
+                   "steps": int(jax.device_get(state.step))})
   return models
 
 
@@ -353,6 +361,15 @@ def measure_model(model_info: dict, net, images: np.ndarray,
   out["psnr_mean_decode"] = float(np.mean(np.asarray(
       psnr(jnp.asarray(post["rec_mean"]), jnp.asarray(images[used])))))
   out["posterior_std_geomean"] = float(np.exp(np.mean(np.log(flat_std))))
+  # Per-pixel squared error under posterior draws: the maximum-likelihood
+  # variance of a Gaussian decoder on these images.
+  pixels_per_image = int(np.prod(images.shape[1:]))
+  out["pixel_mse_sampled"] = float(errors.mean() / pixels_per_image)
+  if model_info.get("kl_weight") == ELBO:
+    # The KL weight it trained at, in vae_loss units: 2 s^2 D / P.
+    out["effective_kl_weight"] = float(
+        2.0 * out["pixel_mse_sampled"] * flat_mean.shape[1]
+        / pixels_per_image)
   if kind == "vae":
     kl = np.asarray(gaussian_kl(jnp.asarray(mean),
                                 jnp.log(jnp.asarray(std) ** 2)))
@@ -384,8 +401,9 @@ def measure_model(model_info: dict, net, images: np.ndarray,
       rel_err = np.asarray([e.rel_std_error for e in ests])
       method = (f"Monte Carlo, {cfg.overlap_proposal} proposal, "
                 f"{int(cfg.overlap_samples)} samples per pair")
-    log_bc = log_bhattacharyya_diag(flat_mean[a], flat_std[a], flat_mean[b],
-                                    flat_std[b])
+    log_bc = ovl_lib.log_bhattacharyya_diag(flat_mean[a], flat_std[a],
+                                            flat_mean[b], flat_std[b])
+    log_lower, _ = ovl_lib.log_overlap_bracket_from_bc(log_bc)
     l_rec, l_se = pair_reconstruction_loss(errors, np.stack([a, b], 1))
     log_bound = ovl_lib.log_pair_reconstruction_bound(
         log_ovl, x_used[a], x_used[b], num_batch_dims=1)
@@ -405,6 +423,8 @@ def measure_model(model_info: dict, net, images: np.ndarray,
         "overlap_rel_std_error_median": float(np.median(rel_err)),
         "overlap_estimate_reliable": bool(np.median(rel_err) <= 0.5),
         "log10_mean_bhattacharyya": log_mean_exp(log_bc) / _LOG10,
+        "log10_mean_overlap_lower_bound": log_mean_exp(log_lower) / _LOG10,
+        "overlap_below_lower_bound": int(np.sum(log_ovl < log_lower - 1e-9)),
         "overlap_above_bhattacharyya": int(np.sum(
             log_ovl > log_bc + 3.0 * rel_err + 1e-9)),
         "mean_sq_dist": float(sq_dist.mean()),
@@ -420,17 +440,64 @@ def measure_model(model_info: dict, net, images: np.ndarray,
   return out
 
 
+def compare(results: list[dict], primary_blae_sigma: float | None) -> dict:
+  """The comparison of docs/mesp_study.md, per pair set.
+
+  Ranks every model by its log10 mean overlap and, where both exist, sets
+  the ELBO VAE against the BL-AE with ``sigma == primary_blae_sigma``:
+  ``blae_below_elbo_vae`` says whether the BL-AE's overlap is lower;
+  ``conclusive`` is False when the VAE's Monte Carlo estimate is unreliable
+  (then only its Bhattacharyya upper bound is trustworthy);
+  ``blae_below_elbo_vae_certified`` says whether the BL-AE's (exact) overlap
+  is below the VAE's certified lower bound ``1 - sqrt(1 - BC^2)``, which
+  needs no Monte Carlo.
+  """
+  elbo = [r for r in results
+          if r["kind"] == "vae" and r["kl_weight"] == ELBO]
+  primary = [r for r in results if r["kind"] == "blae"
+             and primary_blae_sigma is not None
+             and math.isclose(r["sigma"], float(primary_blae_sigma))]
+  out = {}
+  for set_name in results[0]["pairs"]:
+    ranked = sorted(results,
+                    key=lambda r: r["pairs"][set_name]["log10_mean_overlap"])
+    entry = {"ranking_low_to_high": [
+                 [r["name"], r["pairs"][set_name]["log10_mean_overlap"]]
+                 for r in ranked],
+             "lowest_overlap_model": ranked[0]["name"]}
+    if elbo and primary:
+      v, b = elbo[0]["pairs"][set_name], primary[0]["pairs"][set_name]
+      entry.update(
+          elbo_vae=elbo[0]["name"],
+          elbo_vae_log10_mean_overlap=v["log10_mean_overlap"],
+          elbo_vae_log10_mean_bhattacharyya=v["log10_mean_bhattacharyya"],
+          blae=primary[0]["name"],
+          blae_log10_mean_overlap=b["log10_mean_overlap"],
+          elbo_vae_log10_mean_overlap_lower_bound=v[
+              "log10_mean_overlap_lower_bound"],
+          blae_below_elbo_vae=bool(
+              b["log10_mean_overlap"] < v["log10_mean_overlap"]),
+          blae_below_elbo_vae_certified=bool(
+              b["log10_mean_overlap"] < v["log10_mean_overlap_lower_bound"]),
+          conclusive=bool(v["overlap_estimate_reliable"]))
+    out[set_name] = entry
+  return out
+
+
 # --------------------------------------------------------------------------
 # Plot and stage.
 # --------------------------------------------------------------------------
 def _label(m: dict) -> str:
   if m["kind"] == "vae":
+    if m["kl_weight"] == ELBO:
+      return "VAE ELBO (calibrated)"
     return f"VAE KL {_format_weight(m['kl_weight'])}"
   return f"BL-AE sigma {m['sigma']:g}"
 
 
 def plot(results: list[dict], path: str, title: str = "",
-         floor: float = -40.0, zoom_floor: float = -8.0) -> None:
+         floor: float = -80.0, zoom_floor: float = -8.0,
+         highlight: Sequence[str] = ()) -> None:
   """Mean L_rec (filled) and mean bound (open) against the mean overlap.
 
   One column per pair set. Top row: the whole range, log10 axes computed
@@ -441,6 +508,8 @@ def plot(results: list[dict], path: str, title: str = "",
   (the family the bound points lie near), the dashed line its value at
   OVL = 1. A '*' marks a Monte Carlo overlap whose median relative error
   exceeds 0.5 (its true value is below the Bhattacharyya bound in the JSON).
+  Models named in ``highlight`` (the comparison) get large, black-edged
+  markers.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -451,14 +520,19 @@ def plot(results: list[dict], path: str, title: str = "",
   fig, axes = plt.subplots(2, len(sets), figsize=(6.4 * len(sets), 9.4),
                            squeeze=False,
                            gridspec_kw={"height_ratios": [1.0, 0.8]})
-  vaes = [m for m in results if m["kind"] == "vae"]
+  swept = [m for m in results
+           if m["kind"] == "vae" and m["kl_weight"] != ELBO]
+  blaes = [m for m in results if m["kind"] == "blae"]
   cmap = plt.get_cmap("viridis")
+  reds = plt.get_cmap("Reds")
   power = FuncFormatter(lambda v, _: f"$10^{{{v:g}}}$")
 
   def color_of(m):
     if m["kind"] == "blae":
-      return "tab:red"
-    return cmap(vaes.index(m) / max(len(vaes) - 1, 1) * 0.9)
+      return reds(0.95 - 0.45 * blaes.index(m) / max(len(blaes) - 1, 1))
+    if m["kl_weight"] == ELBO:
+      return "black"
+    return cmap(swept.index(m) / max(len(swept) - 1, 1) * 0.9)
 
   def draw(ax, set_name, lo, zoom):
     first = results[0]["pairs"][set_name]
@@ -480,8 +554,11 @@ def plot(results: list[dict], path: str, title: str = "",
         continue
       x, y_bound = max(x_true, lo), max(b_true, lo)
       ax.plot([x, x], [y_bound, y_rec], ":", color=color, lw=1)
-      ax.plot(x, y_rec, "o", color=color, ms=8, alpha=0.85)
-      ax.plot(x, y_bound, "v", mfc="none", color=color, ms=8)
+      big = m["name"] in highlight
+      ax.plot(x, y_rec, "o", color=color, ms=12 if big else 8, alpha=0.85,
+              mec="k" if big else color, mew=1.5 if big else 1)
+      ax.plot(x, y_bound, "v", mfc="none", color=color, ms=12 if big else 8,
+              mew=1.8 if big else 1)
       if x_true < lo or b_true < lo:
         off_scale.append((f"{_label(m)}{star}: OVL $10^{{{x_true:.0f}}}$, "
                           f"bound $10^{{{b_true:.0f}}}$", color))
@@ -492,11 +569,15 @@ def plot(results: list[dict], path: str, title: str = "",
                     fontsize=8, color=color, ha="left" if right else "right")
       elif x < zoom_floor:  # the rest is labelled in the zoom
         ax.annotate(_label(m) + star, (x, y_rec), textcoords="offset points",
-                    xytext=(4, 7), fontsize=7.5, color=color, rotation=25)
+                    xytext=(4, 7 + 14 * (results.index(m) % 2)),
+                    fontsize=7.5, color=color, rotation=25)
     for k, (text, color) in enumerate(off_scale):
       ax.annotate(text, (lo, lo), textcoords="offset points",
                   xytext=(10, 6 + 11 * k), fontsize=7.5, color=color)
     ax.plot([], [], "ko", label="measured $L_{rec}$ (mean over pairs)")
+    if highlight:
+      ax.plot([], [], "o", color="0.8", mec="k", mew=1.5, ms=10,
+              label="the comparison: ELBO VAE vs BL-AE (mesp_study.md)")
     ax.plot([], [], "kv", mfc="none",
             label=r"bound OVL $\|x_i-x_j\|^2/4$ (mean over pairs)")
     pad = 0.04 * -lo
@@ -515,7 +596,7 @@ def plot(results: list[dict], path: str, title: str = "",
       ax.set_title(f"{name} pairs ({first['num_pairs']})")
       ax.set_xlabel(f"mean posterior overlap OVL$(q_i, q_j)$ (values below "
                     f"$10^{{{lo:g}}}$ drawn at the edge)")
-      ax.legend(fontsize=7, loc="center left")
+      ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.16))
 
   for col, set_name in enumerate(sets):
     draw(axes[0, col], set_name, floor, zoom=False)
@@ -537,16 +618,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "study.overlap_samples", "study.decode_batch_size"):
     check_positive(config, field)
   for field in ("study.num_nn_pairs", "study.num_random_pairs",
-                "blae.sigma", "blae.beta"):
+                "blae.beta"):
     check_positive(config, field, allow_zero=True)
+  if config.study.num_nn_pairs + config.study.num_random_pairs == 0:
+    raise ValueError("config.study.num_nn_pairs and num_random_pairs are "
+                     "both 0: there is nothing to measure")
   if config.study.rec_samples < 2:
     raise ValueError("config.study.rec_samples must be >= 2 (the standard "
                      "error needs two draws)")
-  if not config.vae.kl_weights:
-    raise ValueError("config.vae.kl_weights is empty")
+  if not config.vae.kl_weights and not config.vae.calibrated_elbo:
+    raise ValueError("no VAE to train: config.vae.kl_weights is empty and "
+                     "config.vae.calibrated_elbo is False")
   for w in config.vae.kl_weights:
     if w < 0:
       raise ValueError(f"config.vae.kl_weights has a negative weight {w}")
+  for sigma in config.blae.sigmas:
+    if not sigma > 0:
+      raise ValueError(f"config.blae.sigmas has {sigma}; every BL-AE noise "
+                       f"level must be > 0")
+  primary = config.study.primary_blae_sigma
+  if primary is not None and float(primary) not in [
+      float(s) for s in config.blae.sigmas]:
+    raise ValueError(f"config.study.primary_blae_sigma={primary} is not in "
+                     f"config.blae.sigmas={tuple(config.blae.sigmas)}")
   if config.study.overlap_proposal not in ("geometric", "mixture", "p"):
     raise ValueError(f"config.study.overlap_proposal="
                      f"{config.study.overlap_proposal!r}; choose one of "
@@ -572,7 +666,8 @@ def mesp_study_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if m["kind"] == "vae":
       net = build_vae(config.model, image_channels=images.shape[-1])
     else:
-      net = build_blae(blae_config(config).blae, image_channels=images.shape[-1])
+      net = build_blae(blae_config(config, m["sigma"]).blae,
+                       image_channels=images.shape[-1])
     res = measure_model(m, net, images, pairs, cfg, int(cfg.seed))
     res["workdir"] = os.path.abspath(os.path.join(workdir, m["name"]))
     results.append(res)
@@ -598,13 +693,17 @@ def mesp_study_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            "^2)/2, squared error summed over pixels in "
                            "[-1, 1], Monte Carlo over rec_samples draws"),
       "bound_definition": "OVL(q_i, q_j) * ||x_i - x_j||^2 / 4",
+      "comparison": compare(results, cfg.primary_blae_sigma),
       "models": results,
       "config": config.to_dict(),
   }
   io.write_json(os.path.join(workdir, "mesp_study.json"), summary)
+  first = summary["comparison"][next(iter(pairs))]
   plot(results, os.path.join(workdir, "mesp_study.png"),
        f"MESP: reconstruction floor vs posterior overlap (held-out "
-       f"{config.data.name} {cfg.heldout_split}, {n} images)")
+       f"{config.data.name} {cfg.heldout_split}, {n} images)",
+       highlight=(first["elbo_vae"], first["blae"]) if "blae" in first
+       else ())
   if not vae_ok and cfg.get("fail_on_violation", True):
     raise AssertionError(
         f"a VAE's mean bound exceeds its measured L_rec (see "

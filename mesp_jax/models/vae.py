@@ -26,6 +26,11 @@ Both terms are averages, not sums: the reconstruction term over the
   a constant, so ``kl_weight = 2 s^2 D / P`` is the proper ELBO (e.g.
   ``s = 0.1`` and ``D = P / 2`` give ``kl_weight = 0.01``); smaller weights
   are a beta-VAE with beta < 1.
+
+:func:`calibrated_elbo_loss` removes that free choice of ``s``: it is the
+negative ELBO per pixel with ``s^2`` at its maximum-likelihood value, the
+batch mean squared error (a calibrated Gaussian decoder), so the VAE has no
+KL weight to pick.
 """
 
 from __future__ import annotations
@@ -102,6 +107,28 @@ def vae_loss(recon: jax.Array, x: jax.Array, mean: jax.Array,
   mse = jnp.mean(jnp.square(recon - x))
   kl = jnp.mean(gaussian_kl(mean, logvar))
   return mse + kl_weight * kl, mse, kl
+
+
+def calibrated_elbo_loss(recon: jax.Array, x: jax.Array, mean: jax.Array,
+                         logvar: jax.Array
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Negative ELBO per pixel with the maximum-likelihood pixel variance.
+
+  With a Gaussian likelihood ``N(x | recon, s^2)`` per pixel, the negative
+  ELBO of the batch divided by its ``P`` pixels is
+  ``0.5 log(2 pi s^2) + mse / (2 s^2) + (D / P) mean_d KL_d``; it is
+  smallest at ``s^2 = mse``, where it is
+  ``0.5 log(2 pi e mse) + (D / P) mean_d KL_d`` (``D``: latent entries of
+  the batch). Its gradient is that of :func:`vae_loss` with
+  ``kl_weight = 2 mse D / P``, recomputed at every step.
+
+  Returns (loss, mse, kl) as :func:`vae_loss`.
+  """
+  mse = jnp.mean(jnp.square(recon - x))
+  kl = jnp.mean(gaussian_kl(mean, logvar))
+  latent_per_pixel = mean.size / x.size  # D / P
+  nll = 0.5 * jnp.log(2.0 * jnp.pi * jnp.e * jnp.maximum(mse, 1e-12))
+  return nll + latent_per_pixel * kl, mse, kl
 
 
 def build_vae(cfg, image_channels: int) -> GaussianVAE:
