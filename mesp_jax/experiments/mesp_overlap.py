@@ -24,8 +24,9 @@ pairs (pixel L2) and for random pairs:
   BL-AE's equal variances; importance-sampled Monte Carlo with the geometric
   proposal for the VAEs' unequal diagonal variances
   (:func:`mesp_jax.eval.overlap.mc_log_overlap_diag`), checked against the
-  Bhattacharyya upper bound ``OVL <= BC``; all in log space (overlaps of
-  hundreds of latent dimensions underflow float64);
+  certified bracket ``1 - sqrt(1 - BC^2) <= OVL <= BC`` from the
+  Bhattacharyya coefficient; all in log space (overlaps of hundreds of
+  latent dimensions underflow float64);
 * ``L_rec`` by Monte Carlo over posterior samples with one fixed set of
   standard-normal draws shared by every image (common random numbers);
 * the bound ``OVL * ||x_i - x_j||^2 / 4`` and the bin rate.

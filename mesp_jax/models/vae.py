@@ -119,8 +119,9 @@ def calibrated_elbo_loss(recon: jax.Array, x: jax.Array, mean: jax.Array,
   ``0.5 log(2 pi s^2) + mse / (2 s^2) + (D / P) mean_d KL_d``; it is
   smallest at ``s^2 = mse``, where it is
   ``0.5 log(2 pi e mse) + (D / P) mean_d KL_d`` (``D``: latent entries of
-  the batch). Its gradient is that of :func:`vae_loss` with
-  ``kl_weight = 2 mse D / P``, recomputed at every step.
+  the batch). Its gradient is ``1 / (2 mse)`` times that of
+  :func:`vae_loss` with ``kl_weight = 2 mse D / P``, both recomputed at
+  every step.
 
   Returns (loss, mse, kl) as :func:`vae_loss`.
   """
