@@ -56,7 +56,13 @@ from mesp_jax.config_utils import check_positive
 from mesp_jax.data import eval_batches, source_from_config
 from mesp_jax.data.loader import Loader, to_float_images
 from mesp_jax.eval import overlap as ovl_lib
-from mesp_jax.models.blae import BLAE, bin_rate, build_blae, psnr
+from mesp_jax.models.blae import (
+    ARCHITECTURE_FIELDS,
+    BLAE,
+    bin_rate,
+    build_blae,
+    psnr,
+)
 from mesp_jax.models.vae import (
     GaussianVAE,
     build_vae,
@@ -68,8 +74,6 @@ from mesp_jax.train import blae as blae_stage
 from mesp_jax.train import loop
 from mesp_jax.train.feature_net import host_params
 
-ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
-                       "stem_kernel", "downsample_factor", "channel_mult")
 ELBO = "elbo"  # the KL "weight" of the VAE trained on its calibrated ELBO
 _LOG10 = math.log(10.0)
 

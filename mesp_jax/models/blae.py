@@ -124,13 +124,18 @@ def encoder_decoder(module, code_channels: int) -> tuple[Encoder, Decoder]:
           Decoder(image_channels=module.image_channels, **common))
 
 
-class BLAE(nn.Module):
-  """The binary latent autoencoder.
+# The fields that define an autoencoder's parameters (a checkpoint's "model").
+ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
+                       "stem_kernel", "downsample_factor", "channel_mult")
+
+
+class Autoencoder(nn.Module):
+  """Architecture fields and latent shape of BLAE and the Gaussian VAE.
 
   Attributes:
     family: 'full_res' or 'downsample'.
     width: channel width (base width for 'downsample').
-    bits: latent bits C per position.
+    bits: latent channels C per position (bits for the BL-AE).
     num_res_blocks: residual blocks in encoder and decoder.
     stem_kernel: k of the k x k stem of the 'full_res' family.
     downsample_factor: f in {1, 2, 4, 8, 16} ('downsample' family).
@@ -145,6 +150,36 @@ class BLAE(nn.Module):
   downsample_factor: int = 4
   channel_mult: Sequence[int] = (1,)
   image_channels: int = 1
+
+  def latent_shape(self, image_shape: tuple[int, int, int]
+                   ) -> tuple[int, int, int]:
+    """(h, w, bits) of the code of an [H, W, C] image."""
+    f = 1 if self.family == "full_res" else self.downsample_factor
+    h, w, _ = image_shape
+    return (h // f, w // f, self.bits)
+
+
+def architecture_kwargs(cfg, section: str) -> dict:
+  """Checked :class:`Autoencoder` fields from ``config.{section}``.
+
+  Returns the keyword arguments for :data:`ARCHITECTURE_FIELDS` (without
+  ``image_channels``); a bad family or factor raises naming the field.
+  """
+  if cfg.family not in FAMILIES:
+    raise ValueError(f"config.{section}.family={cfg.family!r}; choose one of "
+                     f"{list(FAMILIES)}")
+  if cfg.family == "downsample" and cfg.downsample_factor not in (1, 2, 4, 8,
+                                                                  16):
+    raise ValueError(f"config.{section}.downsample_factor="
+                     f"{cfg.downsample_factor}; choose one of "
+                     f"[1, 2, 4, 8, 16]")
+  kwargs = {k: cfg[k] for k in ARCHITECTURE_FIELDS}
+  kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
+  return kwargs
+
+
+class BLAE(Autoencoder):
+  """The binary latent autoencoder (fields: :class:`Autoencoder`)."""
 
   def setup(self):
     self.encoder, self.decoder = encoder_decoder(self, self.bits)
@@ -164,12 +199,6 @@ class BLAE(nn.Module):
     """
     z = self.encode_continuous(x)
     return self.decode(z + noise), z
-
-  def latent_shape(self, image_shape: tuple[int, int, int]
-                   ) -> tuple[int, int, int]:
-    f = 1 if self.family == "full_res" else self.downsample_factor
-    h, w, _ = image_shape
-    return (h // f, w // f, self.bits)
 
 
 def blae_loss(recon, z, x, beta: float):
@@ -206,17 +235,7 @@ def decode_tokens(model: BLAE, params, tokens, group: int):
 
 def build_blae(cfg, image_channels: int) -> BLAE:
   """BLAE from a ``config.blae`` ConfigDict, checking values."""
-  if cfg.family not in FAMILIES:
-    raise ValueError(f"config.blae.family={cfg.family!r}; choose one of "
-                     f"{list(FAMILIES)}")
-  if cfg.family == "downsample" and cfg.downsample_factor not in (1, 2, 4, 8,
-                                                                  16):
-    raise ValueError(f"config.blae.downsample_factor={cfg.downsample_factor}"
-                     f"; choose one of [1, 2, 4, 8, 16]")
+  kwargs = architecture_kwargs(cfg, "blae")
   if cfg.bits < 1 or cfg.bits > 24:
     raise ValueError(f"config.blae.bits={cfg.bits} must be in 1..24")
-  return BLAE(family=cfg.family, width=cfg.width, bits=cfg.bits,
-              num_res_blocks=cfg.num_res_blocks, stem_kernel=cfg.stem_kernel,
-              downsample_factor=cfg.downsample_factor,
-              channel_mult=tuple(cfg.channel_mult),
-              image_channels=image_channels)
+  return BLAE(**kwargs, image_channels=image_channels)

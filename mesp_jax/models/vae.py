@@ -35,30 +35,19 @@ KL weight to pick.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mesp_jax.models.blae import FAMILIES, encoder_decoder
+from mesp_jax.models.blae import Autoencoder, architecture_kwargs, encoder_decoder
 
 
-class GaussianVAE(nn.Module):
+class GaussianVAE(Autoencoder):
   """VAE with a diagonal Gaussian posterior and a N(0, I) prior.
 
-  Attributes: as :class:`mesp_jax.models.blae.BLAE`; ``bits`` is the number
+  Fields: :class:`mesp_jax.models.blae.Autoencoder`; ``bits`` is the number
   of latent channels per position (the latent has ``h * w * bits``
   dimensions).
   """
-  family: str = "downsample"
-  width: int = 64
-  bits: int = 16
-  num_res_blocks: int = 2
-  stem_kernel: int = 7
-  downsample_factor: int = 4
-  channel_mult: Sequence[int] = (1,)
-  image_channels: int = 1
 
   def setup(self):
     self.encoder, self.decoder = encoder_decoder(self, 2 * self.bits)
@@ -83,12 +72,6 @@ class GaussianVAE(nn.Module):
     mean, logvar = self.encode(x)
     z = mean + jnp.exp(0.5 * logvar) * eps  # reparameterised sample
     return self.decode(z), mean, logvar
-
-  def latent_shape(self, image_shape: tuple[int, int, int]
-                   ) -> tuple[int, int, int]:
-    f = 1 if self.family == "full_res" else self.downsample_factor
-    h, w, _ = image_shape
-    return (h // f, w // f, self.bits)
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -133,17 +116,6 @@ def calibrated_elbo_loss(recon: jax.Array, x: jax.Array, mean: jax.Array,
 
 
 def build_vae(cfg, image_channels: int) -> GaussianVAE:
-  """GaussianVAE from a BL-AE-style ConfigDict (family, width, bits, ...)."""
-  if cfg.family not in FAMILIES:
-    raise ValueError(f"config.model.family={cfg.family!r}; choose one of "
-                     f"{list(FAMILIES)}")
-  if cfg.family == "downsample" and cfg.downsample_factor not in (1, 2, 4, 8,
-                                                                  16):
-    raise ValueError(f"config.model.downsample_factor={cfg.downsample_factor}"
-                     f"; choose one of [1, 2, 4, 8, 16]")
-  return GaussianVAE(family=cfg.family, width=cfg.width, bits=cfg.bits,
-                     num_res_blocks=cfg.num_res_blocks,
-                     stem_kernel=cfg.stem_kernel,
-                     downsample_factor=cfg.downsample_factor,
-                     channel_mult=tuple(cfg.channel_mult),
+  """GaussianVAE from a BL-AE-style ``config.model`` (family, width, ...)."""
+  return GaussianVAE(**architecture_kwargs(cfg, "model"),
                      image_channels=image_channels)

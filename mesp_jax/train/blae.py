@@ -28,7 +28,14 @@ from mesp_jax.config_utils import check_choice, check_positive
 from mesp_jax.data import Loader, eval_batches, image_channels, source_from_config
 from mesp_jax.data.loader import to_float_images
 from mesp_jax.models import bits as bits_lib
-from mesp_jax.models.blae import BLAE, bin_rate, blae_loss, build_blae, psnr
+from mesp_jax.models.blae import (
+    ARCHITECTURE_FIELDS,
+    BLAE,
+    bin_rate,
+    blae_loss,
+    build_blae,
+    psnr,
+)
 from mesp_jax.train import loop, sharding
 
 
@@ -67,8 +74,6 @@ def _signed(z):
   return jnp.where(z > 0, 1.0, -1.0).astype(z.dtype)
 
 
-ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
-                       "stem_kernel", "downsample_factor", "channel_mult")
 
 
 def model_meta(config, image_shape) -> dict:
