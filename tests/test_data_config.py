@@ -102,17 +102,16 @@ def test_unknown_dataset_and_bad_field_name_the_field(repo_root):
 
 
 def test_config_typo_on_the_command_line(repo_root, tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "mesp_jax.main",
-       "--config=configs/blae_fashion_mnist.py:smoke",
-       "--config.blae.widht=3", f"--workdir={tmp_path}"],
-      cwd=repo_root, capture_output=True, text=True, timeout=120)
+  def main_with(override):
+    return subprocess.run(
+        [sys.executable, "-m", "mesp_jax.main",
+         "--config=configs/blae_fashion_mnist.py:smoke", override,
+         f"--workdir={tmp_path}"],
+        cwd=repo_root, capture_output=True, text=True, timeout=120)
+
+  result = main_with("--config.blae.widht=3")
   assert result.returncode != 0
   assert "widht" in result.stderr
-  result = subprocess.run(
-      [sys.executable, "-m", "mesp_jax.main",
-       "--config=configs/blae_fashion_mnist.py:smoke",
-       "--config.stage=trian", f"--workdir={tmp_path}"],
-      cwd=repo_root, capture_output=True, text=True, timeout=120)
+  result = main_with("--config.stage=trian")
   assert result.returncode != 0
   assert "config.stage='trian'" in result.stderr and "blae" in result.stderr
