@@ -10,28 +10,27 @@ Variants: (none) full; ``smoke`` a tiny model for tests and benchmarks.
 
 import ml_collections
 
-from mesp_jax import config_utils as cu
+from mesp_jax.base import config as cu
 
 
 def get_config(variant: str = ""):
   config = ml_collections.ConfigDict()
   config.stage = "blae"
   config.seed = 0
-  config.data = cu.data_config("cifar10", 32)
-  config.mesh = cu.mesh_config()
-  config.blae = cu.blae_config(
-      family="full_res", width=512, bits=7, num_res_blocks=4, stem_kernel=7,
-      downsample_factor=1, sigma=0.1, sigma_start=0.1, beta=0.1)
-  config.train = cu.train_config(batch_size=128, num_steps=200_000,
-                                 learning_rate=1e-4, eval_every=5000,
-                                 checkpoint_every=5000)
-  config.encode = cu.encode_config()
+  config.data = cu.section("data", name="cifar10", image_size=32)
+  config.mesh = cu.section("mesh")
+  config.blae = cu.section(
+      "blae", family="full_res", width=512, bits=7, num_res_blocks=4,
+      stem_kernel=7, downsample_factor=1, sigma=0.1, sigma_start=0.1,
+      beta=0.1)
+  config.train = cu.section("train", batch_size=128, num_steps=200_000,
+                            learning_rate=1e-4, eval_every=5000,
+                            checkpoint_every=5000)
+  config.encode = cu.section("encode")
+  config.inputs = cu.section("inputs")
   if variant == "smoke":
     config.blae.update(width=16, num_res_blocks=1)
-    config.train.update(batch_size=16, num_steps=4, eval_every=4,
-                        checkpoint_every=4, log_every=2,
-                        async_checkpoint=False, tensorboard=False)
-    config.data.eval_examples = 64
+    cu.smoke(config, eval_batch_size=256)
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
   return config

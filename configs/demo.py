@@ -3,7 +3,7 @@
   python -m mesp_jax.main --config=configs/demo.py --workdir=runs/demo
 
 Runs on the bundled default data (Fashion-MNIST from Debian's
-dataset-fashion-mnist) on a 2-core CPU in about 14 minutes.
+dataset-fashion-mnist) on a laptop CPU (docs/benchmarks.md has measured times).
 Sub-configs are the ``:demo`` variants of ``blae_fashion_mnist.py`` and
 ``arvm_fashion_mnist.py`` (``:smoke`` for the ``smoke`` variant), so any field
 can be overridden, e.g. ``--config.arvm.train.num_steps=2000``.
@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from mesp_jax.config_utils import load_config
+from mesp_jax.base.config import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -2,49 +2,42 @@
 
 Variants (``--config=configs/feature_net_fashion_mnist.py:VARIANT``):
   (none)  the full run: 1200 steps of batch 128 (2.6 epochs), 90.7% test
-          accuracy; 8.7 min wall clock on the shared 2-core CPU under a
-          load of ~10 (3.1 min of CPU time), then reference statistics of
-          all 60k train and 10k test images (under a minute);
+          accuracy, then reference statistics of all 60k train and 10k test
+          images (docs/evaluation.md);
   smoke   seconds, for tests (tiny net, 256 reference images per split).
 
 The statistics land in the workdir as
 ``refstats_fashion_mnist_{split}_fd_fashion_mnist_classifier.npz``; stage
-``evaluate`` reads them through ``config.evaluate.feature_net_workdir``.
+``evaluate`` reads them through ``config.inputs.feature_net_workdir``.
 """
 
 import ml_collections
 
-from mesp_jax import config_utils as cu
+from mesp_jax.base import config as cu
 
 
 def get_config(variant: str = ""):
   config = ml_collections.ConfigDict()
   config.stage = "train_feature_net"
   config.seed = 0
-  config.data = cu.data_config("fashion_mnist", 32)
-  config.mesh = cu.mesh_config()
-  config.feature_net = ml_collections.ConfigDict(dict(
-      num_classes=10, widths=(16, 32, 64, 128), feature_dim=256, num_groups=8,
-      dropout_rate=0.0,
-      reference_splits=("train", "test"),
-      reference_examples=0,  # 0: the whole split
-      reference_max_features=10_000,  # raw rows kept for KID / P&R
-      feature_batch_size=500))
-  config.train = cu.train_config(
-      batch_size=128, num_steps=1200, learning_rate=3e-3, warmup_steps=50,
-      schedule="cosine", weight_decay=1e-4, log_every=100, eval_every=400,
-      checkpoint_every=400, eval_batch_size=500)
+  config.data = cu.section("data", name="fashion_mnist", image_size=32)
+  config.mesh = cu.section("mesh")
+  config.feature_net = cu.section(
+      "feature_net", num_classes=10, widths=(16, 32, 64, 128),
+      feature_dim=256, num_groups=8, dropout_rate=0.0,
+      reference_splits=("train", "test"), reference_examples=0,
+      reference_max_features=10_000, feature_batch_size=500)
+  config.train = cu.section(
+      "train", batch_size=128, num_steps=1200, learning_rate=3e-3,
+      warmup_steps=50, schedule="cosine", weight_decay=1e-4, log_every=100,
+      eval_every=400, checkpoint_every=400, eval_batch_size=500)
 
   if variant == "smoke":
     config.feature_net.update(widths=(8, 16), feature_dim=32,
                               reference_examples=256,
                               reference_max_features=256,
                               feature_batch_size=128)
-    config.train.update(batch_size=32, num_steps=4, eval_every=4,
-                        checkpoint_every=4, log_every=2, warmup_steps=0,
-                        eval_batch_size=64, async_checkpoint=False,
-                        tensorboard=False)
-    config.data.eval_examples = 64
+    cu.smoke(config, batch_size=32)
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
   return config

@@ -4,27 +4,28 @@ The bank is ``tokens_train.npz`` of a ``blae_encode`` run (the demo pipeline
 writes it to ``runs/demo/tokens``): 60k latents of 8x8 positions x 16 bits,
 grouped into g = 8 bit tokens (2 per position, 256-value histograms; g = 16
 would need a 2^16 x 2^16 kernel matrix). The BL-AE comes from the npz (or
-``--config.tokens.blae_workdir``).
+``--config.inputs.blae_workdir``).
 
   # the sweep (stage gamma_sweep): copy rates and distance against gamma
   python -m mesp_jax.main --config=configs/gamma_sweep_fashion_mnist.py \\
-      --workdir=runs/gamma_sweep --config.tokens.dir=runs/demo/tokens
-  # one sample set (stage kernel_sample) at kernel.gamma
+      --workdir=runs/gamma_sweep --config.inputs.tokens_dir=runs/demo/tokens
+  # one sample set (stage sample, kernel sampler) at kernel.gamma
   python -m mesp_jax.main --config=configs/gamma_sweep_fashion_mnist.py \\
-      --workdir=runs/kernel_sample --config.stage=kernel_sample
+      --workdir=runs/kernel_sample --config.stage=sample
 
-``kernel.*`` is shared: ``kernel_sample`` uses ``kernel.gamma``, the sweep
-uses every gamma of ``sweep.gammas`` (a comma-separated string; 'global' is
-the fully causal model) with the same sigma_s, order, seed and sample count.
-sigma_s = 0.3 (p_flip = Phi(-1/0.3) = 4.3e-4, about 0.4 flipped bits per
-1024-bit latent) lets global context reproduce bank entries; at 0.5
-(p_flip = 2.3 %) every sample carries about 23 flipped bits, more than the
-1 % latent copy threshold, even when it follows one bank entry.
+``kernel.*`` and ``sampler.*`` are shared: the sample stage uses
+``kernel.gamma``, the sweep every gamma of ``sweep.gammas`` (a
+comma-separated string; 'global' is the fully causal model) with the same
+sigma_s, order, seed and sample count. sigma_s = 0.3 (p_flip = Phi(-1/0.3) =
+4.3e-4, about 0.4 flipped bits per 1024-bit latent) lets global context
+reproduce bank entries; at 0.5 (p_flip = 2.3 %) every sample carries about 23
+flipped bits, more than the 1 % latent copy threshold, even when it follows
+one bank entry.
 
 Neural ARVMs join the sweep with ``--config.sweep.arvm_workdirs=
 '3=runs/demo/arvm,1=runs/arvm_g1'`` (gamma=workdir pairs; each ARVM must
 have been trained for that gamma on tokens of the same BL-AE).
-``--config.sweep.feature_net_workdir`` (a ``train_feature_net`` workdir)
+``--config.inputs.feature_net_workdir`` (a ``train_feature_net`` workdir)
 replaces the pixel-space Frechet distance by the classifier one.
 
 Variants: (none) the full sweep; ``smoke`` (tests: tiny sample counts).
@@ -32,33 +33,25 @@ Variants: (none) the full sweep; ``smoke`` (tests: tiny sample counts).
 
 import ml_collections
 
-from mesp_jax import config_utils as cu
+from mesp_jax.base import config as cu
 
 
 def get_config(variant: str = ""):
   config = ml_collections.ConfigDict()
   config.stage = "gamma_sweep"
   config.seed = 0
-  config.mesh = cu.mesh_config()
-  config.tokens = cu.tokens_config(dir="runs/demo/tokens")
-  config.kernel = ml_collections.ConfigDict(dict(
-      group=8, sigma_s=0.3, gamma=3, order="raster", num_samples=256,
-      batch_size=128, chunk_size=8192, temperature=1.0, seed=0))
-  config.sweep = ml_collections.ConfigDict(dict(
-      gammas="0,1,2,3,5,global",
-      threshold_db=25.0,  # PSNR on 0..255 at or above which a sample copies
-      latent_threshold=0.01,  # share of bits for a latent copy
-      train_examples=0,  # 0: the whole bank / training split
-      reference_split="test", reference_examples=0,
-      feature_net_workdir="", arvm_workdirs="",
-      neural=ml_collections.ConfigDict(dict(
-          batch_size=64, temperature=1.0, top_k=0, top_p=1.0, cfg_scale=0.0,
-          cache="ring")),
-      grid_samples=64, triplet_rows=16, decode_batch_size=500,
-      nn_chunk_size=1024, cache_dir=""))
+  config.mesh = cu.section("mesh")
+  config.inputs = cu.section("inputs", tokens_dir="runs/demo/tokens")
+  config.tokens = cu.section("tokens")
+  config.kernel = cu.section("kernel", group=8, sigma_s=0.3, gamma=3,
+                             order="raster", chunk_size=8192)
+  config.sampler = cu.section("sampler", kind="kernel", num_samples=256,
+                              batch_size=128, temperature=1.0, seed=0)
+  config.sweep = cu.section("sweep")
   if variant == "smoke":
-    config.tokens.dir = ""
-    config.kernel.update(num_samples=16, batch_size=16, chunk_size=64)
+    config.inputs.tokens_dir = ""
+    config.kernel.update(chunk_size=64)
+    config.sampler.update(num_samples=16, batch_size=16)
     config.sweep.update(gammas="0,global", reference_examples=256,
                         grid_samples=16, triplet_rows=4, decode_batch_size=64,
                         nn_chunk_size=256)

@@ -2,7 +2,7 @@
 --workdir=DIR [--config.a.b=value ...]``.
 
 Intentionally only flags; the work happens in the stage named by
-``config.stage`` (see ``mesp_jax/stages.py``).
+``config.stage`` (see ``mesp_jax/stages/``).
 """
 
 from __future__ import annotations

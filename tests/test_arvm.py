@@ -13,11 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesp_jax.base.gamma import parse_gamma
 from mesp_jax.models import arvm
 
 
 def _cfg(**overrides) -> ml_collections.ConfigDict:
-  base = dict(group=2, gamma=1, num_layers=2, width=32, num_heads=4,
+  base = dict(group=2, gamma=1, num_layers=2, d_model=32, num_heads=4,
               mlp_ratio=2.0, num_classes=0, embed="linear+table",
               dtype="float32")
   base.update(overrides)
@@ -57,7 +58,7 @@ def _brute_force_mask(h: int, w: int, tp: int, gamma) -> np.ndarray:
 ])
 def test_gamma_mask_matches_brute_force(h, w, tp, gamma):
   got = arvm.gamma_mask(h, w, tp, gamma)
-  want = _brute_force_mask(h, w, tp, arvm.parse_gamma(gamma))
+  want = _brute_force_mask(h, w, tp, parse_gamma(gamma))
   assert got.shape == (h * w * tp, h * w * tp)
   np.testing.assert_array_equal(got, want)
 
@@ -157,7 +158,7 @@ def test_arvm_loss_metrics_match_numpy():
 
 
 @pytest.mark.parametrize("field,value,bits", [
-    ("group", 3, 4), ("width", 30, 4), ("gamma", "local", 4),
+    ("group", 3, 4), ("d_model", 30, 4), ("gamma", "local", 4),
     ("gamma", -1, 4), ("embed", "table", 4), ("dtype", "float16", 4),
     ("num_layers", 0, 4),
 ])

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesp_jax.models import bits
+from mesp_jax.base import bits
 
 
 def reference_pack(signed_bits: np.ndarray, group: int) -> np.ndarray:
@@ -35,6 +35,33 @@ def test_pack_matches_reference_and_round_trips(tokens_per_pos, group, batch,
   np.testing.assert_array_equal(bits.pack_numpy(signed, group), packed)
   assert packed.min() >= 0 and packed.max() < 2**group
   np.testing.assert_array_equal(np.asarray(bits.unpack(packed, group)), signed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 12), st.integers(1, 3),
+       st.integers(-3, 2), st.integers(0, 2**31 - 1))
+def test_numpy_and_jax_paths_agree(tokens_per_pos, group, batch, axis, seed):
+  rng = np.random.default_rng(seed)
+  signed = rng.choice([-1.0, 1.0], size=(batch, 2, tokens_per_pos * group))
+  packed_np = bits.pack(signed, group, xp=np)
+  packed_jax = bits.pack(signed, group)
+  assert isinstance(packed_np, np.ndarray) and packed_np.dtype == np.int32
+  assert packed_jax.dtype == np.int32
+  np.testing.assert_array_equal(packed_np, np.asarray(packed_jax))
+  for dtype in (np.float32, np.int32, np.int8):
+    flat_np = bits.unpack(packed_np, group, dtype, xp=np)
+    assert isinstance(flat_np, np.ndarray) and flat_np.dtype == dtype
+    np.testing.assert_array_equal(flat_np, signed)
+    np.testing.assert_array_equal(
+        flat_np, np.asarray(bits.unpack(packed_np, group, dtype)))
+  # The bit axis placed at ``axis`` (of the result, as expand_dims) holds
+  # the same bits as the flattened form, in the same MSB-first order.
+  at_np = bits.unpack(packed_np, group, np.int32, axis=axis, xp=np)
+  at_jax = np.asarray(bits.unpack(packed_jax, group, np.int32, axis=axis))
+  np.testing.assert_array_equal(at_np, at_jax)
+  assert at_np.shape[axis] == group and at_np.ndim == packed_np.ndim + 1
+  by_token = np.moveaxis(at_np, axis, -1)  # [..., T, g]
+  np.testing.assert_array_equal(by_token.reshape(signed.shape), signed)
 
 
 @settings(max_examples=30, deadline=None)

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from mesp_jax.config_utils import load_config
+from mesp_jax.base import config as config_lib
+from mesp_jax.base.config import load_config
 from mesp_jax.data import DataNotFoundError, Loader, eval_batches, get_source
 from mesp_jax.data.sources import ArraySource, read_idx
-from mesp_jax.train import blae as blae_stage
 
 
 def tiny_source(n=50):
@@ -92,11 +92,11 @@ def test_unknown_dataset_and_bad_field_name_the_field(repo_root):
                                     "configs/blae_fashion_mnist.py:smoke"))
   config.blae.family = "unet"
   with pytest.raises(ValueError, match=r"config\.blae\.family.*full_res"):
-    blae_stage.validate(config)
+    config_lib.validate(config, "blae")
   config.blae.family = "downsample"
   config.blae.downsample_factor = 3
   with pytest.raises(ValueError, match="downsample_factor"):
-    blae_stage.validate(config)
+    config_lib.validate(config, "blae")
   with pytest.raises(ValueError, match="unknown variant"):
     load_config(os.path.join(repo_root, "configs/blae_fashion_mnist.py:tiny"))
 

@@ -8,16 +8,16 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mesp_jax.base import sharding
 from mesp_jax.models import arvm
 from mesp_jax.sample import decode
-from mesp_jax.train import sharding
 
 # Cached and full-forward logits differ only by float32 summation order.
 ATOL = RTOL = 1e-4
 
 
 def _model(grid=(4, 4), bits=4, **overrides) -> arvm.ARVM:
-  base = dict(group=2, gamma=1, num_layers=2, width=32, num_heads=4,
+  base = dict(group=2, gamma=1, num_layers=2, d_model=32, num_heads=4,
               mlp_ratio=2.0, num_classes=0, embed="linear+table",
               dtype="float32")
   base.update(overrides)

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesp_jax.config_utils import load_config
+from mesp_jax import stages
+from mesp_jax.base import config as config_lib
+from mesp_jax.base.config import load_config
+from mesp_jax.base.image import to_float_images
 from mesp_jax.data import get_source
-from mesp_jax.data.loader import to_float_images
-from mesp_jax.eval import evaluate as evaluate_lib
 from mesp_jax.eval.fid import ReferenceStats
 from mesp_jax.experiments import mesp_overlap
 from mesp_jax.models.feature_net import FeatureNet
@@ -39,7 +40,7 @@ def _images(split, indices):
 def feature_net_dir(repo_root, tmp_path_factory):
   config = _config(repo_root, "feature_net_fashion_mnist.py:smoke")
   workdir = str(tmp_path_factory.mktemp("feature_net"))
-  stats = fn_stage.train_and_evaluate(config, workdir)
+  stats = stages.run(config, workdir)
   return workdir, config, stats
 
 
@@ -81,10 +82,10 @@ def test_evaluate_real_beats_noise_and_counts_copies(repo_root, tmp_path,
   for name, images in (("real", real), ("noise", noise)):
     path = str(tmp_path / f"{name}.npz")
     np.savez(path, images=images)
-    config.evaluate.samples = path
-    config.evaluate.feature_net_workdir = fn_dir
+    config.inputs.samples = path
+    config.inputs.feature_net_workdir = fn_dir
     config.evaluate.copy_rate = name == "real"
-    results[name] = evaluate_lib.evaluate_stage(config, str(tmp_path / name))
+    results[name] = stages.run(config, str(tmp_path / name))
     with open(tmp_path / name / "eval.json") as f:
       assert json.load(f)[FD_NAME] == pytest.approx(results[name][FD_NAME])
   real_r, noise_r = results["real"], results["noise"]
@@ -229,13 +230,13 @@ def test_l_rec_estimator_matches_numpy_for_linear_decoder():
 
 def test_mesp_study_smoke(repo_root, tmp_path):
   config = _config(repo_root, "mesp_study_fashion_mnist.py:smoke")
-  summary = mesp_overlap.mesp_study_stage(config, str(tmp_path))
+  summary = stages.run(config, str(tmp_path))
   assert (tmp_path / "mesp_study.png").stat().st_size > 1000
   with open(tmp_path / "mesp_study.json") as f:
     saved = json.load(f)
   kinds = [m["kind"] for m in saved["models"]]
   assert kinds.count("vae") == len(config.vae.kl_weights) + 1  # + ELBO VAE
-  assert kinds.count("blae") == len(config.blae.sigmas)
+  assert kinds.count("blae") == len(config.sigma_sweep.sigmas)
   assert saved["all_vae_bounds_below_l_rec"] is True
   comparison = saved["comparison"]["nn"]
   assert comparison["blae"] == f"blae_sigma{config.study.primary_blae_sigma:g}"
@@ -256,7 +257,7 @@ def test_mesp_study_smoke(repo_root, tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("study.primary_blae_sigma", 0.5, "primary_blae_sigma=0.5 is not in"),
-    ("blae.sigmas", (0.1, 0.0), "every BL-AE noise level must be > 0"),
+    ("sigma_sweep.sigmas", (0.1, 0.0), r"sigma_sweep\.sigmas.*> 0"),
     ("vae.kl_weights", (), None),  # fine while calibrated_elbo is on
     ("study.num_nn_pairs", 0, None),
 ])
@@ -266,11 +267,12 @@ def test_mesp_study_config_errors_name_the_field(repo_root, field, value,
   section, name = field.split(".")
   config[section][name] = value
   if message is None:
-    mesp_overlap.validate(config)
+    config_lib.validate(config, "mesp_study")
   else:
     with pytest.raises(ValueError, match=message):
-      mesp_overlap.validate(config)
+      config_lib.validate(config, "mesp_study")
+  config = _config(repo_root, "mesp_study_fashion_mnist.py:smoke")
   config.vae.calibrated_elbo = False
   config.vae.kl_weights = ()
   with pytest.raises(ValueError, match="no VAE to train"):
-    mesp_overlap.validate(config)
+    config_lib.validate(config, "mesp_study")

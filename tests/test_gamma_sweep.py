@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mesp_jax.config_utils import load_config
+from mesp_jax import stages
+from mesp_jax.base import io
+from mesp_jax.base.config import load_config
+from mesp_jax.base.gamma import parse_gammas
 from mesp_jax.eval import fid as fid_lib
 from mesp_jax.experiments import gamma_sweep as gs
+from mesp_jax.experiments import plots
 from mesp_jax.models.blae import decode_tokens
 from mesp_jax.train import blae as blae_stage
 
@@ -31,7 +35,7 @@ def tiny_bank(repo_root, tmp_path_factory):
   blae_cfg.train.update(num_steps=2, checkpoint_every=2, eval_every=2,
                         log_every=2)
   blae_dir = str(root / "blae")
-  blae_stage.train_and_evaluate(blae_cfg, blae_dir)
+  stages.run(blae_cfg, blae_dir)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, size=(BANK_SIZE, *GRID, 1)).astype(np.int32)
   flat = tokens.reshape(BANK_SIZE, -1)
@@ -45,11 +49,14 @@ def tiny_bank(repo_root, tmp_path_factory):
           "tokens": tokens}
 
 
-def smoke_config(repo_root, tokens_dir, **kernel):
+def smoke_config(repo_root, tokens_dir, num_samples=None, batch_size=None,
+                 **kernel):
   config = load_config(os.path.join(
       repo_root, "configs/gamma_sweep_fashion_mnist.py:smoke"))
-  config.tokens.dir = tokens_dir
+  config.inputs.tokens_dir = tokens_dir
   config.kernel.update(kernel)
+  if num_samples:
+    config.sampler.update(num_samples=num_samples, batch_size=batch_size)
   return config
 
 
@@ -66,7 +73,7 @@ def test_sweep_writes_results_and_global_context_copies(repo_root, tiny_bank,
   config = smoke_config(repo_root, tiny_bank["tokens_dir"], sigma_s=0.2)
   config.sweep.gammas = "0,global"
   workdir = str(tmp_path / "sweep")
-  gs.gamma_sweep_stage(config, workdir)
+  stages.run(config, workdir)
 
   with open(os.path.join(workdir, "gamma_sweep.json")) as f:
     out = json.load(f)
@@ -105,7 +112,7 @@ def test_gamma0_large_sigma_does_not_copy(repo_root, tiny_bank, tmp_path):
   config = smoke_config(repo_root, tiny_bank["tokens_dir"], sigma_s=2.0)
   config.sweep.gammas = "0"
   workdir = str(tmp_path / "sweep")
-  out = gs.gamma_sweep_stage(config, workdir)
+  out = stages.run(config, workdir)
   (row,) = out["results"]
   with np.load(os.path.join(workdir, "kernel_gamma_0", "samples.npz")) as f:
     ham = min_hamming_bits(f["tokens"], tiny_bank["tokens"])
@@ -120,7 +127,7 @@ def test_kernel_sample_stage_images_decode_from_tokens(repo_root, tiny_bank,
                         gamma=1, num_samples=12, batch_size=8)
   config.stage = "kernel_sample"
   workdir = str(tmp_path / "ks")
-  gs.kernel_sample_stage(config, workdir)
+  stages.run(config, workdir)
   assert os.path.exists(os.path.join(workdir, "samples.png"))
   with np.load(os.path.join(workdir, "samples.npz")) as f:
     tokens, images = f["tokens"], f["images"]
@@ -134,20 +141,20 @@ def test_kernel_sample_stage_images_decode_from_tokens(repo_root, tiny_bank,
 
 
 def test_config_parsing_and_plot_positions():
-  assert gs.parse_gammas("0, 1,global") == [0, 1, None]
-  assert gs.parse_gammas((2, "global")) == [2, None]
+  assert parse_gammas("0, 1,global") == [0, 1, None]
+  assert parse_gammas((2, "global")) == [2, None]
   with pytest.raises(ValueError, match="duplicates"):
-    gs.parse_gammas("1,global,GLOBAL")
+    parse_gammas("1,global,GLOBAL")
   with pytest.raises(ValueError):
-    gs.parse_gammas("")
+    parse_gammas("")
   assert gs.parse_workdir_map("3=/a, global=/b") == {"3": "/a",
                                                      "global": "/b"}
   assert gs.parse_workdir_map({1: "/c"}) == {"1": "/c"}
   with pytest.raises(ValueError, match="gamma=workdir"):
     gs.parse_workdir_map("/a")
-  assert gs.gamma_positions(["0", "1", "5", "global"]) == {
+  assert plots.gamma_positions(["0", "1", "5", "global"]) == {
       "0": 0.0, "1": 1.0, "5": 5.0, "global": 7.0}
-  assert gs.json_safe({"a": [float("inf"), 1.0]}) == {"a": ["inf", 1.0]}
+  assert io.json_safe({"a": [float("inf"), 1.0]}) == {"a": ["inf", 1.0]}
 
 
 @pytest.mark.parametrize("num", [2, 7, 40])
@@ -158,7 +165,7 @@ def test_low_rank_frechet_distance_equals_the_reference(num):
   mu, sigma = fid_lib.feature_stats(ref)
   fake = rng.normal(size=(num, dim)) * 1.5
   want = fid_lib.frechet_distance(mu, sigma, *fid_lib.feature_stats(fake))
-  got = gs.frechet_distance_to_samples(mu, sigma, fake)
+  got = fid_lib.frechet_distance_to_samples(mu, sigma, fake)
   # The D x D reference takes square roots of the round-off (~1e-13) left in
   # its D - S + 1 zero eigenvalues, which moves it by ~1e-6.
   assert got == pytest.approx(want, rel=1e-7)

@@ -18,6 +18,7 @@ import pytest
 from flax import traverse_util
 
 from mesp_jax.eval import inception as inc
+from mesp_jax.eval import inception_weights as incw
 
 BATCH = 2
 
@@ -61,6 +62,26 @@ def test_forward_299_and_32(variables, images299):
   np.testing.assert_allclose(f_rev[::-1], f_grey, rtol=1e-4, atol=1e-5)
 
 
+def test_logits_leave_out_the_fc_bias(variables, images299):
+  # The Inception score's logits are pool @ W (the TF reference rebuilds the
+  # softmax from softmax/logits/MatMul's weight input, without the bias).
+  bias = np.linspace(-50.0, 50.0, inc.NUM_CLASSES).astype(np.float32)
+  params = dict(variables["params"])
+  params["fc"] = {**params["fc"], "bias": jax.numpy.asarray(bias)}
+  biased = {**variables, "params": params}
+  feats, logits = inc.fid_features(biased, images299, batch_size=BATCH,
+                                   return_logits=True)
+  kernel = np.asarray(variables["params"]["fc"]["kernel"], np.float64)
+  want = feats.astype(np.float64) @ kernel  # [B, 1008]
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * scale)
+  assert np.abs(logits - (want + bias)).max() > 10.0  # not pool @ W + b
+  # The bias is still a variable (weight files carry it) and the features
+  # do not depend on it.
+  np.testing.assert_array_equal(
+      feats, inc.fid_features(variables, images299, batch_size=BATCH))
+
+
 def test_preprocess_resize_constant_and_range():
   x = np.full((1, 32, 32, 1), 0.25, np.float32)
   y = np.asarray(inc.preprocess(x))
@@ -100,7 +121,7 @@ def test_load_torch_named_and_flax_named_npz(variables, tmp_path):
   assert torch_named["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
   path = str(tmp_path / "pt_inception.npz")
   np.savez(path, **torch_named)
-  loaded = inc.load_inception_params(path=path)
+  loaded = incw.load_inception_params(path=path)
   flat_a = traverse_util.flatten_dict(jax.device_get(variables))
   flat_b = traverse_util.flatten_dict(jax.device_get(loaded))
   assert flat_a.keys() == flat_b.keys()
@@ -109,9 +130,9 @@ def test_load_torch_named_and_flax_named_npz(variables, tmp_path):
   os.remove(path)
   # Flax naming round trip through save_inception_npz, with a checksum.
   path2 = str(tmp_path / "flax_inception.npz")
-  inc.save_inception_npz(variables, path2)
-  digest = inc.sha256_of_file(path2)
-  loaded2 = inc.load_inception_params(path=path2, sha256=digest[:12])
+  incw.save_inception_npz(variables, path2)
+  digest = incw.sha256_of_file(path2)
+  loaded2 = incw.load_inception_params(path=path2, sha256=digest[:12])
   np.testing.assert_array_equal(
       loaded2["params"]["Mixed_5b"]["branch_pool"]["conv"]["kernel"],
       variables["params"]["Mixed_5b"]["branch_pool"]["conv"]["kernel"])
@@ -123,8 +144,8 @@ def test_wrong_shapes_give_clear_error(tmp_path):
   np.savez(path, **{"Conv2d_1a_3x3.conv.weight": np.zeros((32, 3, 5, 5)),
                     "fc.weight": np.zeros((1000, 2048)),
                     "fc.bias": np.zeros(1000)})
-  with pytest.raises(inc.InceptionWeightsError) as e:
-    inc.load_inception_params(path=path)
+  with pytest.raises(incw.InceptionWeightsError) as e:
+    incw.load_inception_params(path=path)
   msg = str(e.value)
   assert "wrong shapes" in msg and "missing" in msg
   assert "params/Conv2d_1a_3x3/conv/kernel: file (5, 5, 3, 32) vs model " \
@@ -132,42 +153,42 @@ def test_wrong_shapes_give_clear_error(tmp_path):
   assert "params/fc/bias: file (1000,) vs model (1008,)" in msg
   # Unknown PyTorch names are reported too.
   np.savez(path, **{"AuxLogits.fc.weight": np.zeros((3, 3))})
-  with pytest.raises(inc.InceptionWeightsError, match="unexpected PyTorch"):
-    inc.load_inception_params(path=path)
+  with pytest.raises(incw.InceptionWeightsError, match="unexpected PyTorch"):
+    incw.load_inception_params(path=path)
 
 
 def test_wrong_checksum_gives_clear_error(tmp_path):
   path = str(tmp_path / "w.npz")
   np.savez(path, a=np.zeros(3))
-  with pytest.raises(inc.InceptionWeightsError, match="checksum mismatch"):
-    inc.load_inception_params(path=path, sha256="0" * 64)
+  with pytest.raises(incw.InceptionWeightsError, match="checksum mismatch"):
+    incw.load_inception_params(path=path, sha256="0" * 64)
   with open(path, "wb") as f:
     f.write(b"garbage")
-  with pytest.raises(inc.InceptionWeightsError, match="could not read"):
-    inc.load_inception_params(path=path)
+  with pytest.raises(incw.InceptionWeightsError, match="could not read"):
+    incw.load_inception_params(path=path)
   # A torch-hub style hash prefix in a .pth name is checked by default.
   pth = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
   with open(pth, "wb") as f:
     f.write(b"not the weights")
-  with pytest.raises(inc.InceptionWeightsError, match="6726825d"):
-    inc.load_inception_params(path=pth)
+  with pytest.raises(incw.InceptionWeightsError, match="6726825d"):
+    incw.load_inception_params(path=pth)
 
 
 def test_missing_weights_fail_fast_with_instructions(tmp_path):
   cache = str(tmp_path / "cache")
-  with pytest.raises(inc.InceptionWeightsError, match="download=False"):
-    inc.load_inception_params(cache_dir=cache, download=False)
-  with pytest.raises(inc.InceptionWeightsError, match="no file at"):
-    inc.load_inception_params(path=str(tmp_path / "nope.npz"))
+  with pytest.raises(incw.InceptionWeightsError, match="download=False"):
+    incw.load_inception_params(cache_dir=cache, download=False)
+  with pytest.raises(incw.InceptionWeightsError, match="no file at"):
+    incw.load_inception_params(path=str(tmp_path / "nope.npz"))
   t0 = time.time()
   # Port 9 (discard) on localhost: refused at once, no hang.
-  with pytest.raises(inc.InceptionWeightsError) as e:
-    inc.load_inception_params(cache_dir=cache, url="http://127.0.0.1:9/w.npz",
+  with pytest.raises(incw.InceptionWeightsError) as e:
+    incw.load_inception_params(cache_dir=cache, url="http://127.0.0.1:9/w.npz",
                               timeout=2.0)
   assert time.time() - t0 < 10
   msg = str(e.value)
   assert "download of http://127.0.0.1:9/w.npz failed" in msg
-  assert inc.FID_WEIGHTS_FILE in msg and "np.savez" in msg
+  assert incw.FID_WEIGHTS_FILE in msg and "np.savez" in msg
 
 
 def test_download_to_cache_with_checksum(tmp_path):
@@ -183,14 +204,14 @@ def test_download_to_cache_with_checksum(tmp_path):
   try:
     url = f"http://127.0.0.1:{server.server_port}/tiny.npz"
     cache = str(tmp_path / "cache")
-    with pytest.raises(inc.InceptionWeightsError, match="checksum mismatch"):
-      inc.load_inception_params(cache_dir=cache, url=url, sha256="ab" * 32,
+    with pytest.raises(incw.InceptionWeightsError, match="checksum mismatch"):
+      incw.load_inception_params(cache_dir=cache, url=url, sha256="ab" * 32,
                                 timeout=5.0)
     assert not os.path.exists(os.path.join(cache, "tiny.npz"))  # removed
     # Right checksum: the download is read and then fails the shape check.
-    digest = inc.sha256_of_file(str(served / "tiny.npz"))
-    with pytest.raises(inc.InceptionWeightsError, match="wrong shapes"):
-      inc.load_inception_params(cache_dir=cache, url=url, sha256=digest,
+    digest = incw.sha256_of_file(str(served / "tiny.npz"))
+    with pytest.raises(incw.InceptionWeightsError, match="wrong shapes"):
+      incw.load_inception_params(cache_dir=cache, url=url, sha256=digest,
                                 timeout=5.0)
     assert os.path.exists(os.path.join(cache, "tiny.npz"))  # cached
   finally:
@@ -199,7 +220,7 @@ def test_download_to_cache_with_checksum(tmp_path):
 
 
 def test_fid_features_on_a_mesh(variables):
-  from mesp_jax.train.sharding import make_mesh
+  from mesp_jax.base.sharding import make_mesh
 
   devices = jax.local_devices()
   if len(devices) < 2:

@@ -15,8 +15,9 @@ import scipy.special
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesp_jax.sample import kernel
-from mesp_jax.train.sharding import make_mesh
+from mesp_jax.base.gamma import parse_gamma
+from mesp_jax.base.sharding import make_mesh
+from mesp_jax.sample import kernel, kernel_schedule
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
@@ -168,7 +169,8 @@ def test_schedule_rebuilds_every_context(height, width, tp, gamma, random,
                                          seed):
   positions = (np.random.default_rng(seed).permutation(height * width)
                if random else np.arange(height * width))
-  sched = kernel.build_schedule(height, width, tp, gamma, positions, group=3)
+  sched = kernel_schedule.build_schedule(height, width, tp, gamma, positions,
+                                         group=3)
   state = np.zeros(height * width * tp)
   step = 0
   for pos in positions:
@@ -194,13 +196,13 @@ def test_closed_forms_and_validation():
   p = kernel.flip_probability(0.5)
   assert kmat[0b101, 0b011] == pytest.approx(p**2 * (1 - p))
   np.testing.assert_allclose(kmat.sum(1), 1.0)
-  assert kernel.parse_gamma("global") is None
-  assert kernel.parse_gamma(3) == 3
+  assert parse_gamma("global") is None
+  assert parse_gamma(3) == 3
   for bad in ("wide", -1, 1.5):
     with pytest.raises(ValueError):
-      kernel.parse_gamma(bad)
+      parse_gamma(bad)
   with pytest.raises(ValueError):
-    kernel.generation_order(2, 2, [0, 1, 1, 3])
+    kernel_schedule.generation_order(2, 2, [0, 1, 1, 3])
   with pytest.raises(ValueError):
     kernel.prepare_bank(np.full((2, 2, 2, 1), 8), group=3)
 

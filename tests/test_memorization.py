@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+from mesp_jax.base.sharding import make_mesh
 from mesp_jax.eval import memorization as mem
-from mesp_jax.train.sharding import make_mesh
 
 
 def meshes():

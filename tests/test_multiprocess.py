@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from mesp_jax.config_utils import load_config
-from mesp_jax.train import blae as blae_stage
+from mesp_jax import stages
+from mesp_jax.base.config import load_config
 
 
 def losses(workdir):
@@ -32,7 +32,7 @@ def test_two_processes_equal_one(repo_root, tmp_path):
 
   config = load_config(os.path.join(repo_root,
                                     "configs/blae_fashion_mnist.py:smoke"))
-  blae_stage.train_and_evaluate(config, str(tmp_path / "single"))
+  stages.run(config, str(tmp_path / "single"))
   multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
   assert multi.keys() == single.keys()
   for key, value in single.items():

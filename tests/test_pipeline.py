@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from mesp_jax.config_utils import load_config
+from mesp_jax.base.config import load_config
 from mesp_jax.models.blae import decode_tokens
-from mesp_jax.pipeline import run
+from mesp_jax.stages.pipeline import run
 from mesp_jax.train import blae as blae_stage
 
 
@@ -28,7 +28,7 @@ def test_smoke_pipeline(repo_root, tmp_path):
   samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
   group = int(samples["group"])
   tokens, images = samples["tokens"], samples["images"]
-  assert tokens.shape[0] == config.arvm.sample.num_samples
+  assert tokens.shape[0] == config.arvm.sampler.num_samples
   assert tokens.min() >= 0 and tokens.max() < 2**group
   model, params, _, _ = blae_stage.load_blae(os.path.join(workdir, "blae"))
   np.testing.assert_allclose(

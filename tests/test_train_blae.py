@@ -9,12 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from mesp_jax.config_utils import load_config
+from mesp_jax import stages
+from mesp_jax.base import bits as bits_lib
+from mesp_jax.base import sharding
+from mesp_jax.base.config import load_config
 from mesp_jax.data.tokens import load_tokens
-from mesp_jax.models import bits as bits_lib
 from mesp_jax.models.blae import BLAE
 from mesp_jax.train import blae as blae_stage
-from mesp_jax.train import loop, sharding
+from mesp_jax.train import loop
 
 
 def smoke_config(repo_root, **train):
@@ -111,9 +113,10 @@ def test_kill_after_checkpoint_then_resume_matches(repo_root, tmp_path):
 def test_encode_stage_tokens_match_sign_of_code(repo_root, tmp_path):
   config = smoke_config(repo_root)
   workdir = str(tmp_path / "blae")
-  blae_stage.train_and_evaluate(config, workdir)
-  config.encode.blae_workdir = workdir
-  paths = blae_stage.encode_stage(config, str(tmp_path / "tok"))
+  stages.run(config, workdir)
+  config.stage = "blae_encode"
+  config.inputs.blae_workdir = workdir
+  paths = stages.run(config, str(tmp_path / "tok"))
   data = load_tokens(paths["test"])
   assert data["tokens"].shape == (10_000, 8, 8, 1)
   model, params, _, step = blae_stage.load_blae(workdir)
@@ -128,10 +131,10 @@ def test_encode_stage_tokens_match_sign_of_code(repo_root, tmp_path):
 def test_checkpoint_of_another_model_is_refused(repo_root, tmp_path):
   config = smoke_config(repo_root, num_steps=2, checkpoint_every=2)
   workdir = str(tmp_path / "w")
-  blae_stage.train_and_evaluate(config, workdir)
+  stages.run(config, workdir)
   config.blae.width = 12
   with pytest.raises(ValueError, match="blae|model"):
-    blae_stage.train_and_evaluate(config, workdir)
+    stages.run(config, workdir)
 
 
 def test_nan_loss_stops_without_saving_the_bad_state(repo_root, tmp_path):
@@ -154,7 +157,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(repo_root, tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_older(repo_root, tmp_path):
   config = smoke_config(repo_root, num_steps=4, checkpoint_every=2)
   workdir = str(tmp_path / "w")
-  blae_stage.train_and_evaluate(config, workdir)
+  stages.run(config, workdir)
   state_dir = os.path.join(workdir, "checkpoints", "4", "state")
   for root, _, files in os.walk(state_dir):
     for name in files:

@@ -25,8 +25,10 @@ import time
 import jax
 import numpy as np
 
+from mesp_jax.base.gamma import parse_gamma
+from mesp_jax.base.sharding import make_mesh
 from mesp_jax.sample import kernel as kernel_lib
-from mesp_jax.train.sharding import make_mesh
+from mesp_jax.sample import kernel_schedule
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,9 +86,10 @@ def run_case(bank: kernel_lib.KernelBank, gamma, args) -> dict:
   num_tok = height * width * tp
   rng = jax.random.key(args.seed)
   max_tokens = args.max_tokens or None
-  positions = kernel_lib.generation_order(height, width, args.order, rng)
-  schedule = kernel_lib.build_schedule(height, width, tp, gamma, positions,
-                                       bank.group, max_tokens=max_tokens)
+  positions = kernel_schedule.generation_order(height, width, args.order, rng)
+  schedule = kernel_schedule.build_schedule(height, width, tp, gamma,
+                                            positions, bank.group,
+                                            max_tokens=max_tokens)
   steps = len(schedule.token)
 
   def sample():
@@ -105,7 +108,7 @@ def run_case(bank: kernel_lib.KernelBank, gamma, args) -> dict:
   memory = kernel_lib.kernel_memory_bytes(bank, args.num_samples,
                                           schedule.width)
   return {
-      "gamma": "global" if kernel_lib.parse_gamma(gamma) is None else gamma,
+      "gamma": "global" if parse_gamma(gamma) is None else gamma,
       "K": schedule.width,
       "ops": schedule.num_ops,
       "steps": steps,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mesp_jax import config_utils
+from mesp_jax.base import config as config_utils
 from mesp_jax.models import arvm as arvm_lib
 from mesp_jax.sample import decode
 
@@ -89,7 +89,7 @@ def _model_from_args(args: argparse.Namespace) -> arvm_lib.ARVM:
     gamma = int(gamma)
   cfg = ml_collections.ConfigDict(dict(
       group=args.group, gamma=gamma, num_layers=args.layers,
-      width=args.d_model, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
+      d_model=args.d_model, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
       num_classes=args.num_classes, embed="linear", dtype=args.dtype))
   return arvm_lib.build_arvm(cfg, (args.height, args.width), args.bits)
 

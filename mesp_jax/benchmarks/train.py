@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesp_jax.config_utils import load_config
+from mesp_jax.base import sharding
+from mesp_jax.base.config import load_config
 from mesp_jax.data import image_channels
 from mesp_jax.models.blae import build_blae
 from mesp_jax.train import blae as blae_stage
-from mesp_jax.train import loop, sharding
+from mesp_jax.train import loop
 
 
 def run(spec: str, steps: int, warmup: int, batch_size: int | None) -> dict:
@@ -30,7 +31,7 @@ def run(spec: str, steps: int, warmup: int, batch_size: int | None) -> dict:
   channels = image_channels(config.data.name)
   size = config.data.image_size
   model = build_blae(config.blae, channels)
-  mesh = loop.make_mesh_from_config(config)
+  mesh = sharding.mesh_from_config(config)
   tx = loop.make_optimizer(config.train)
   b = config.train.batch_size
   latent = model.latent_shape((size, size, channels))

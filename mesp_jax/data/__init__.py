@@ -9,4 +9,5 @@ from mesp_jax.data.sources import (  # noqa: F401
     get_source,
     image_channels,
     source_from_config,
+    train_eval_sources,
 )

@@ -16,10 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-
-def to_float_images(images_uint8: np.ndarray) -> np.ndarray:
-  """uint8 [B, H, W, C] in 0..255 -> float32 in [-1, 1]."""
-  return images_uint8.astype(np.float32) / 127.5 - 1.0
+from mesp_jax.base.image import to_float_images
 
 
 def convert_record(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -183,6 +183,12 @@ def source_from_config(data_cfg, split: str):
   return get_source(data_cfg.name, split, **kw)
 
 
+def train_eval_sources(data_cfg):
+  """(train source, eval source) of a ``config.data`` section."""
+  return (source_from_config(data_cfg, data_cfg.get("train_split", "train")),
+          source_from_config(data_cfg, data_cfg.get("eval_split", "test")))
+
+
 def image_channels(name: str) -> int:
   """Channels of a supported data set's images (1 grey, 3 RGB)."""
   return 1 if name in ("fashion_mnist", "mnist") else 3

@@ -1,12 +1,10 @@
-"""Stage ``evaluate``: sample quality and memorisation of a set of images.
+"""Sample quality and memorisation of a set of images (stage ``evaluate``).
 
-Input: ``config.evaluate.samples``, an ``.npz`` with ``images`` [N, H, W, C]
-in [-1, 1] (what the samplers write), and ``config.evaluate.
-feature_net_workdir``, a workdir of stage ``train_feature_net`` (its
-classifier and cached reference statistics; its data config is the data
-set evaluated against).
+Input: images [N, H, W, C] in [-1, 1] (``images`` of a samples ``.npz``)
+and a trained classifier (stage ``train_feature_net``: its reference
+statistics; its data config is the data set evaluated against).
 
-Output: ``eval.json`` (atomic) in the workdir with
+Output of :func:`evaluate_images` (the stage writes it to ``eval.json``):
 
 * ``fd_{dataset}_classifier``: the Frechet distance between the samples and
   the train split in the project classifier's feature space (plus ``_vs_test``
@@ -23,31 +21,26 @@ Output: ``eval.json`` (atomic) in the workdir with
   weights; otherwise null with a note in ``notes`` (never a substitute
   number);
 * ``memorization``: copy rate (nearest training image at PSNR >= 25 dB) via
-  :mod:`mesp_jax.eval.memorization` when that module is present and
-  ``config.evaluate.copy_rate`` is set, and the classifier distance of the
+  :mod:`mesp_jax.eval.memorization` when ``config.evaluate.copy_rate`` is
+  set, and the classifier distance of the
   non-copies (the authors' protocol: drop copies, then measure).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 
 import ml_collections
 import numpy as np
 
-from mesp_jax import io
-from mesp_jax.config_utils import check_positive
+from mesp_jax.base.image import to_float_images
 from mesp_jax.data import source_from_config
-from mesp_jax.data.loader import to_float_images
 from mesp_jax.eval import fid as fid_lib
+from mesp_jax.eval import memorization as mem
+from mesp_jax.eval import reference
 from mesp_jax.models.feature_net import classifier_features, feature_net_name
-from mesp_jax.train import feature_net as fn_stage
-from mesp_jax.train import loop
 
-MEMORIZATION_MODULE = "mesp_jax.eval.memorization"
 INCEPTION_NAME = "inception_v3_fid"
 
 
@@ -61,10 +54,10 @@ def load_samples(path: str, image_shape=None) -> np.ndarray:
     FileNotFoundError / ValueError with what is wrong and what was expected.
   """
   if not path:
-    raise ValueError("config.evaluate.samples is empty: give the path of an "
+    raise ValueError("config.inputs.samples is empty: give the path of an "
                      ".npz holding 'images' [N, H, W, C] in [-1, 1]")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config.evaluate.samples={path!r} does not exist")
+    raise FileNotFoundError(f"config.inputs.samples={path!r} does not exist")
   with np.load(path, allow_pickle=False) as f:
     if "images" not in f.files:
       raise ValueError(f"{path} has no 'images' array (found {f.files}); the "
@@ -156,9 +149,10 @@ def inception_metrics(samples: np.ndarray, data_cfg, cfg, cache_dir: str,
                       mesh=None) -> dict:
   """FID / KID / IS with the real FID Inception weights from a file."""
   from mesp_jax.eval import inception as inc  # heavy; only when asked
+  from mesp_jax.eval import inception_weights as inc_weights
   path = cfg.inception_weights
-  variables = inc.load_inception_params(path, download=False)
-  weights_id = inc.sha256_of_file(path)[:12]
+  variables = inc_weights.load_inception_params(path, download=False)
+  weights_id = inc_weights.sha256_of_file(path)[:12]
   batch = int(cfg.inception_batch_size)
   fake, logits = inc.fid_features(variables, samples, batch_size=batch,
                                   return_logits=True, mesh=mesh)
@@ -192,32 +186,19 @@ def inception_metrics(samples: np.ndarray, data_cfg, cfg, cache_dir: str,
   return out
 
 
-def memorization_available() -> bool:
-  return importlib.util.find_spec(MEMORIZATION_MODULE) is not None
-
-
-def _load_feature_net(cfg: ml_collections.ConfigDict):
-  if not cfg.feature_net_workdir:
-    raise ValueError("config.evaluate.feature_net_workdir is empty: train "
-                     "the classifier first (stage 'train_feature_net', e.g. "
-                     "configs/feature_net_fashion_mnist.py) and point this "
-                     "field at its workdir")
-  return fn_stage.load_feature_net(cfg.feature_net_workdir)
-
-
 def evaluate_images(samples: np.ndarray, config: ml_collections.ConfigDict,
-                    mesh=None, feature_net=None) -> dict:
+                    feature_net: tuple, mesh=None) -> dict:
   """All metrics of ``samples`` [N, H, W, C] in [-1, 1] (see module doc).
 
-  ``feature_net``: the tuple of :func:`mesp_jax.train.feature_net.
-  load_feature_net` if already loaded (else it is loaded from
-  ``config.evaluate.feature_net_workdir``).
+  ``feature_net``: ``(model, params, config, step)`` of the classifier in
+  ``config.inputs.feature_net_workdir``
+  (:func:`mesp_jax.train.feature_net.load_feature_net`).
   """
   cfg = config.evaluate
-  fn_dir = cfg.feature_net_workdir
-  model, params, fn_config, step = feature_net or _load_feature_net(cfg)
+  fn_dir = config.inputs.feature_net_workdir
+  model, params, fn_config, step = feature_net
   data_cfg = fn_config.data
-  refs = fn_stage.reference_stats(fn_config, fn_dir, model, params, step)
+  refs = reference.reference_stats(fn_config, fn_dir, model, params, step)
   if "train" not in refs:
     raise ValueError(f"{fn_dir}: the feature net's reference_splits "
                      f"{tuple(refs)} lack 'train'")
@@ -228,7 +209,8 @@ def evaluate_images(samples: np.ndarray, config: ml_collections.ConfigDict,
   fake = classifier_features(model, params, samples,
                              batch_size=int(cfg.batch_size))  # [N, D]
   result: dict = {
-      "samples": os.path.abspath(cfg.samples) if cfg.get("samples") else None,
+      "samples": (os.path.abspath(config.inputs.samples)
+                  if config.inputs.get("samples") else None),
       "num_samples": int(n), "image_shape": list(samples.shape[1:]),
       "dataset": data_cfg.name,
       "feature_net": {"name": name, "workdir": os.path.abspath(fn_dir),
@@ -255,17 +237,13 @@ def evaluate_images(samples: np.ndarray, config: ml_collections.ConfigDict,
     result["notes"].append(
         "fid / kid_inception / inception_score skipped: no "
         "config.evaluate.inception_weights given (the FID Inception-v3 "
-        "weights cannot be fetched offline; see mesp_jax/eval/inception.py "
-        "for the accepted files).")
+        "weights cannot be fetched offline; see "
+        "mesp_jax/eval/inception_weights.py for the accepted files).")
 
   if not cfg.copy_rate:
     result["memorization"] = None
     result["notes"].append("copy rate skipped: config.evaluate.copy_rate is "
                            "False")
-  elif not memorization_available():
-    result["memorization"] = None
-    result["notes"].append(f"copy rate skipped: {MEMORIZATION_MODULE} is not "
-                           f"installed")
   else:
     result["memorization"] = memorization(samples, fake, refs, data_cfg, cfg,
                                           name, mesh)
@@ -275,7 +253,6 @@ def evaluate_images(samples: np.ndarray, config: ml_collections.ConfigDict,
 def memorization(samples, fake_features, refs, data_cfg, cfg, name: str,
                  mesh) -> dict:
   """Copy rate against the train split, and the distance of the non-copies."""
-  mem = importlib.import_module(MEMORIZATION_MODULE)
   source = source_from_config(data_cfg, "train")
   limit = int(cfg.copy_rate_train_examples) or None
   n_train = len(source) if limit is None else min(limit, len(source))
@@ -296,39 +273,3 @@ def memorization(samples, fake_features, refs, data_cfg, cfg, name: str,
     out[f"{name}_non_copies"] = None
   out["num_non_copies"] = int(keep.shape[0])
   return out
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  for field in ("evaluate.batch_size", "evaluate.kid_subsets",
-                "evaluate.kid_subset_size", "evaluate.pr_k",
-                "evaluate.inception_batch_size"):
-    check_positive(config, field)
-  for field in ("evaluate.max_samples", "evaluate.copy_rate_train_examples",
-                "evaluate.inception_reference_examples"):
-    check_positive(config, field, allow_zero=True)
-
-
-def evaluate_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage ``evaluate``: writes ``{workdir}/eval.json`` and returns it."""
-  validate(config)
-  cfg = config.evaluate
-  os.makedirs(workdir, exist_ok=True)
-  feature_net = _load_feature_net(cfg)
-  fn_data = feature_net[2].data
-  shape = source_from_config(fn_data, fn_data.get("eval_split", "test")
-                                ).image_shape
-  samples = load_samples(cfg.samples, shape)
-  if int(cfg.max_samples):
-    samples = samples[:int(cfg.max_samples)]
-  mesh = loop.make_mesh_from_config(config) if "mesh" in config else None
-  result = evaluate_images(samples, config, mesh, feature_net)
-  path = os.path.join(workdir, cfg.get("output", "eval.json"))
-  io.write_json(path, result)
-  if io.is_writer():
-    name = result["feature_net"]["name"]
-    ref = result.get("reference_test_vs_train", {})
-    mem = result.get("memorization") or {}
-    print(f"[evaluate] {result['num_samples']} samples: {name} "
-          f"{result[name]:.3f} (test vs train {ref.get(name, float('nan')):.3f})"
-          f", copy rate {mem.get('copy_rate', 'n/a')} -> {path}", flush=True)
-  return result

@@ -30,7 +30,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mesp_jax.train.sharding import (
+from mesp_jax.base import bits as bits_lib
+from mesp_jax.base.image import psnr
+from mesp_jax.base.sharding import (
   DATA_AXES,
   SHARD_MAP_CHECK_KW,
   make_mesh,
@@ -58,14 +60,6 @@ def _place(x: np.ndarray, mesh: Mesh, spec: P) -> jax.Array:
                                       lambda i: x[i])
 
 
-def _unpack_tokens(tokens: jax.Array, group: int) -> jax.Array:
-  """[..., T] tokens -> [..., T * g] +-1 bits (bf16, MSB first)."""
-  shifts = jnp.arange(group - 1, -1, -1, dtype=jnp.int32)
-  b = (tokens.astype(jnp.int32)[..., None] >> shifts) & 1  # [..., T, g]
-  b = b.reshape(*tokens.shape[:-1], tokens.shape[-1] * group)
-  return (2 * b - 1).astype(jnp.bfloat16)
-
-
 def _local_search(queries, refs, ref_index, *, metric: str, recheck: int,
                   group: int):
   """One device: exact best (distance, index) per query over its chunks.
@@ -83,7 +77,7 @@ def _local_search(queries, refs, ref_index, *, metric: str, recheck: int,
   elif metric == "hamming":
     q_bits = queries.astype(jnp.bfloat16)
   elif metric == "hamming_tokens":
-    q_bits = _unpack_tokens(queries, group)  # [Q, T g]
+    q_bits = bits_lib.unpack(queries, group, jnp.bfloat16)  # [Q, T g]
 
   def chunk_best(r, index):
     """Best exact (distance [Q], index [Q]) within one chunk."""
@@ -105,7 +99,7 @@ def _local_search(queries, refs, ref_index, *, metric: str, recheck: int,
                            queries)  # [Q, c]
       else:
         r_bits = (r.astype(jnp.bfloat16) if metric == "hamming" else
-                  _unpack_tokens(r, group))  # [c, D]
+                  bits_lib.unpack(r, group, jnp.bfloat16))  # [c, D]
         dot = jnp.matmul(q_bits, r_bits.T, preferred_element_type=jnp.float32)
         dist = 0.5 * (r_bits.shape[1] - dot)  # [Q, c] exact integers
       dist = jnp.where(valid[None, :], dist, jnp.inf)
@@ -244,25 +238,6 @@ def nearest_latents(sample_tokens: np.ndarray | jax.Array,
 # ---------------------------------------------------------------------------
 
 
-def psnr(a: np.ndarray | jax.Array, b: np.ndarray | jax.Array) -> np.ndarray:
-  """Per-image PSNR in dB on the 0..255 scale for images in [-1, 1].
-
-  Args:
-    a, b: [B, ...] images in [-1, 1] (mapped to 0..255 by (x + 1) * 127.5,
-      without rounding).
-
-  Returns:
-    [B] float64; +inf where the images are identical.
-  """
-  a = (np.asarray(a, np.float64) + 1.0) * 127.5
-  b = (np.asarray(b, np.float64) + 1.0) * 127.5
-  if a.shape != b.shape:
-    raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-  mse = np.mean((a - b).reshape(a.shape[0], -1) ** 2, axis=1)
-  with np.errstate(divide="ignore"):
-    return 10.0 * np.log10(255.0**2 / mse)
-
-
 def copy_rate(psnr_values: np.ndarray, threshold: float = 25.0) -> float:
   """Share of samples whose nearest training image has PSNR >= threshold."""
   values = np.asarray(psnr_values)
@@ -357,6 +332,60 @@ def memorization_report(samples: np.ndarray, train_images: np.ndarray,
         latent_threshold=float(latent_threshold), nearest_latent=near_l,
         hamming=ham, hamming_fraction=ham / total_bits)
   return report
+
+
+def evaluate_samples(images: np.ndarray, tokens: np.ndarray, *,
+                     train_images: np.ndarray, train_recons: np.ndarray,
+                     bank_tokens: np.ndarray, group: int,
+                     distance, threshold_db: float,
+                     latent_threshold: float, chunk_size: int,
+                     mesh: Mesh | None) -> tuple[dict, dict]:
+  """The copy-rate summary of one sample set, with its Frechet distance.
+
+  Runs :func:`memorization_report` (pixels, reconstructions, latents) and
+  summarises it: the three copy rates, the share of exact latent copies, the
+  PSNR and Hamming-fraction quantiles, and ``distance`` of all samples and of
+  the non-copies (samples that are neither a pixel nor a reconstruction
+  copy).
+
+  Args:
+    images: [S, H, W, C] decoded samples in [-1, 1].
+    tokens: [S, h, w, Tp] their tokens (``group`` bits each).
+    train_images, train_recons: [N, H, W, C] training images and their BL-AE
+      reconstructions (index n = bank entry n).
+    bank_tokens: [N, h, w, Tp].
+    group: bits per token.
+    distance: any object with a ``name`` (str, the summary key) and a
+      ``distance(images) -> float | None`` method, e.g.
+      :class:`mesp_jax.experiments.gamma_sweep.DistanceSpace`.
+    threshold_db, latent_threshold, chunk_size, mesh: as in
+      :func:`memorization_report`.
+
+  Returns:
+    (summary dict for the JSON, the full memorisation report).
+  """
+  report = memorization_report(
+      images, train_images, train_recons=train_recons, sample_tokens=tokens,
+      bank_tokens=bank_tokens, group=group, threshold_db=threshold_db,
+      latent_threshold=latent_threshold, chunk_size=chunk_size, mesh=mesh)
+  is_recon_copy = report["psnr_recon"] >= threshold_db
+  keep = ~(report["is_copy"] | is_recon_copy)
+  exact = np.mean(report["hamming"] == 0)
+  summary = {
+      "num_samples": int(images.shape[0]),
+      "copy_rate": report["copy_rate"],
+      "copy_rate_recon": report["copy_rate_recon"],
+      "copy_rate_latent": report["copy_rate_latent"],
+      "exact_latent_copy_rate": float(exact),
+      "psnr_quantiles": report["psnr_quantiles"],
+      "psnr_recon_quantiles": report["psnr_recon_quantiles"],
+      "hamming_fraction_quantiles": psnr_quantiles(
+          report["hamming_fraction"]),
+      distance.name: distance.distance(images),
+      f"{distance.name}_non_copies": distance.distance(images[keep]),
+      "num_non_copies": int(keep.sum()),
+  }
+  return summary, report
 
 
 def _to_uint8_rgb(x: np.ndarray) -> np.ndarray:

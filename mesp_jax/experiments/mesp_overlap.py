@@ -1,7 +1,7 @@
-"""Stage ``mesp_study``: posterior overlap against the reconstruction floor.
+"""The MESP study: posterior overlap against the reconstruction floor.
 
-MESP (DESIGN.md): for posteriors ``q_i = q(z|x_i)``, ``q_j = q(z|x_j)`` and
-any deterministic decoder d,
+MESP (docs/method.md, section 'MESP'): for posteriors ``q_i = q(z|x_i)``,
+``q_j = q(z|x_j)`` and any deterministic decoder d,
 
   ``L_rec(x_i, x_j) = (E_{z~q_i}||d(z) - x_i||^2 + E_{z~q_j}||d(z) - x_j||^2)
   / 2 >= OVL(q_i, q_j) * ||x_i - x_j||^2 / 4``
@@ -17,8 +17,9 @@ encoder/decoder family and size,
   whose training posterior is ``N(tanh(enc(x)), sigma^2 I)``,
 
 each by :func:`mesp_jax.train.loop.train` into ``{workdir}/{model}``
-(resumable), then measures on held-out test images, for nearest-neighbour
-pairs (pixel L2) and for random pairs:
+(resumable; the VAE's task is :func:`mesp_jax.train.vae.vae_task`), then
+measures on held-out test images, for nearest-neighbour pairs (pixel L2) and
+for random pairs:
 
 * the overlap ``OVL(q_i, q_j)``: closed form ``2 Phi(-Delta / 2)`` for the
   BL-AE's equal variances; importance-sampled Monte Carlo with the geometric
@@ -31,19 +32,21 @@ pairs (pixel L2) and for random pairs:
   standard-normal draws shared by every image (common random numbers);
 * the bound ``OVL * ||x_i - x_j||^2 / 4`` and the bin rate.
 
-Outputs ``mesp_study.json`` and ``mesp_study.png`` (mean L_rec and mean bound
-against the mean overlap, log axes, one point per model and pair set). The
-JSON flags, for every model, whether the mean bound stays below the mean
-measured L_rec (it must: a violation means a bug, or Monte Carlo noise on a
-bound that is tight), and holds the comparison of docs/mesp_study.md: the
-ELBO VAE against the BL-AE at ``study.primary_blae_sigma``.
+The stage (:mod:`mesp_jax.stages.mesp_study`) writes ``mesp_study.json`` and
+``mesp_study.png`` (:func:`mesp_jax.experiments.plots.plot_mesp_study`: mean
+L_rec and mean bound against the mean overlap, log axes, one point per model
+and pair set). The JSON flags, for every model, whether the mean bound stays
+below the mean measured L_rec (it must: a violation means a bug, or Monte
+Carlo noise on a bound that is tight), and holds the comparison of
+docs/mesp_study.md: the ELBO VAE against the BL-AE at
+``study.primary_blae_sigma``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,30 +54,19 @@ import ml_collections
 import numpy as np
 from scipy.special import logsumexp
 
-from mesp_jax import io
-from mesp_jax.config_utils import check_positive
-from mesp_jax.data import eval_batches, source_from_config
-from mesp_jax.data.loader import Loader, to_float_images
+from mesp_jax.base import sharding
+from mesp_jax.base.image import psnr
 from mesp_jax.eval import overlap as ovl_lib
 from mesp_jax.models.blae import (
-    ARCHITECTURE_FIELDS,
-    BLAE,
-    bin_rate,
-    build_blae,
-    psnr,
+  ARCHITECTURE_FIELDS,
+  BLAE,
+  bin_rate,
 )
-from mesp_jax.models.vae import (
-    GaussianVAE,
-    build_vae,
-    calibrated_elbo_loss,
-    gaussian_kl,
-    vae_loss,
-)
+from mesp_jax.models.vae import GaussianVAE, gaussian_kl
 from mesp_jax.train import blae as blae_stage
 from mesp_jax.train import loop
-from mesp_jax.train.feature_net import host_params
+from mesp_jax.train.vae import ELBO, format_weight, vae_task
 
-ELBO = "elbo"  # the KL "weight" of the VAE trained on its calibrated ELBO
 _LOG10 = math.log(10.0)
 
 
@@ -198,66 +190,6 @@ def select_pairs(images: np.ndarray, num_nn: int, num_random: int,
 # --------------------------------------------------------------------------
 # Training the models (sub-workdirs, loop.train, resumable).
 # --------------------------------------------------------------------------
-def _format_weight(w: float | str) -> str:
-  """1e-3 -> '1e-3', 3e-2 -> '3e-2', 0 -> '0', 'elbo' -> 'elbo'."""
-  if w == ELBO:
-    return ELBO
-  if w == 0:
-    return "0"
-  mantissa, exponent = f"{w:.0e}".split("e")
-  return f"{mantissa}e{int(exponent)}"
-
-
-def vae_task(config: ml_collections.ConfigDict, kl_weight: float | str
-             ) -> loop.Task:
-  """The :class:`loop.Task` of a Gaussian VAE.
-
-  ``kl_weight``: a float for :func:`vae_loss`, or ``"elbo"`` for
-  :func:`calibrated_elbo_loss`.
-  """
-  train_src, eval_src = blae_stage.sources(config)
-  image_shape = train_src.image_shape
-  model = build_vae(config.model, image_channels=image_shape[-1])
-  latent = model.latent_shape(image_shape)
-
-  def init_params(rng, batch):
-    x = batch["image"]
-    return model.init(rng, x, jnp.zeros((x.shape[0],) + latent))
-
-  def loss_fn(params, batch, rng, step):
-    del step
-    x = batch["image"]  # [B, H, W, C] in [-1, 1]
-    eps = jax.random.normal(rng, (x.shape[0],) + latent)
-    recon, mean, logvar = model.apply(params, x, eps)
-    if kl_weight == ELBO:
-      loss, mse, kl = calibrated_elbo_loss(recon, x, mean, logvar)
-    else:
-      loss, mse, kl = vae_loss(recon, x, mean, logvar, kl_weight)
-    return loss, {"mse": mse, "kl": kl}
-
-  def eval_fn(params, batch):
-    x = batch["image"]
-    mean, logvar = model.apply(params, x, method=GaussianVAE.encode)
-    rec = model.apply(params, mean, method=GaussianVAE.decode)
-    b = x.shape[0]
-    return {"psnr": psnr(rec, x),  # [B], decoded from the posterior mean
-            "kl": jnp.mean(gaussian_kl(mean, logvar).reshape(b, -1), 1),
-            "mse": jnp.mean(jnp.square(rec - x), axis=(1, 2, 3))}
-
-  meta = {"stage": "vae", "model": {k: config.model[k]
-                                    for k in ARCHITECTURE_FIELDS},
-          "kl_weight": kl_weight if kl_weight == ELBO else float(kl_weight),
-          "data": config.data.name,
-          "image_shape": list(image_shape)}
-  tcfg = config.train
-  return loop.Task(
-      name="vae", init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
-      meta=meta, train_batches=Loader(train_src, tcfg.batch_size, config.seed),
-      eval_batches=lambda: eval_batches(
-          eval_src, tcfg.get("eval_batch_size", tcfg.batch_size),
-          config.data.get("eval_examples", None) or None))
-
-
 def blae_config(config: ml_collections.ConfigDict, sigma: float
                 ) -> ml_collections.ConfigDict:
   """The stage-``blae`` config of the study's BL-AE with a fixed ``sigma``."""
@@ -269,7 +201,7 @@ def blae_config(config: ml_collections.ConfigDict, sigma: float
   sub.train = config.train
   fields = {k: config.model[k] for k in ARCHITECTURE_FIELDS}
   fields.update(sigma=float(sigma), sigma_start=float(sigma),
-                sigma_ramp_steps=0, beta=float(config.blae.beta))
+                sigma_ramp_steps=0, beta=float(config.sigma_sweep.beta))
   sub.blae = ml_collections.ConfigDict(fields)
   return sub
 
@@ -282,13 +214,13 @@ def train_models(config: ml_collections.ConfigDict, workdir: str, mesh
   if config.vae.calibrated_elbo:
     weights.append(ELBO)
   for w in weights:
-    name = f"vae_kl{_format_weight(w)}"
+    name = f"vae_kl{format_weight(w)}"
     state = loop.train(config, os.path.join(workdir, name),
                        vae_task(config, w), mesh=mesh)
     models.append({"name": name, "kind": "vae", "kl_weight": w,
-                   "params": host_params(state.params),
+                   "params": sharding.to_host(state.params),
                    "steps": int(jax.device_get(state.step))})
-  for sigma in config.blae.sigmas:
+  for sigma in config.sigma_sweep.sigmas:
     name = f"blae_sigma{float(sigma):g}"
     sub = blae_config(config, sigma)
     task = blae_stage.make_task(sub, os.path.join(workdir, name))
@@ -296,7 +228,7 @@ def train_models(config: ml_collections.ConfigDict, workdir: str, mesh
     state = loop.train(sub, os.path.join(workdir, name), task, mesh=mesh)
     models.append({"name": name, "kind": "blae", "sigma": float(sigma),
                    "beta": float(sub.blae.beta),
-                   "params": host_params(state.params),
+                   "params": sharding.to_host(state.params),
                    "steps": int(jax.device_get(state.step))})
   return models
 
@@ -490,228 +422,11 @@ def compare(results: list[dict], primary_blae_sigma: float | None) -> dict:
 
 
 # --------------------------------------------------------------------------
-# Plot and stage.
+# Labels.
 # --------------------------------------------------------------------------
-def _label(m: dict) -> str:
+def model_label(m: dict) -> str:
   if m["kind"] == "vae":
     if m["kl_weight"] == ELBO:
       return "VAE ELBO (calibrated)"
-    return f"VAE KL {_format_weight(m['kl_weight'])}"
+    return f"VAE KL {format_weight(m['kl_weight'])}"
   return f"BL-AE sigma {m['sigma']:g}"
-
-
-def plot(results: list[dict], path: str, title: str = "",
-         floor: float = -80.0, zoom_floor: float = -8.0,
-         highlight: Sequence[str] = ()) -> None:
-  """Mean L_rec (filled) and mean bound (open) against the mean overlap.
-
-  One column per pair set. Top row: the whole range, log10 axes computed
-  in log space (values below float64 are placed correctly); values under
-  ``10^floor`` are drawn at the floor and listed with their exponents.
-  Bottom row: a zoom on overlaps above ``10^zoom_floor``, where the bound
-  is not negligible. The grey line is ``OVL * mean ||x_i - x_j||^2 / 4``
-  (the family the bound points lie near), the dashed line its value at
-  OVL = 1. A '*' marks a Monte Carlo overlap whose median relative error
-  exceeds 0.5 (its true value is below the Bhattacharyya bound in the JSON).
-  Models named in ``highlight`` (the comparison) get large, black-edged
-  markers.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib.ticker import FuncFormatter
-
-  sets = list(results[0]["pairs"])
-  fig, axes = plt.subplots(2, len(sets), figsize=(6.4 * len(sets), 9.4),
-                           squeeze=False,
-                           gridspec_kw={"height_ratios": [1.0, 0.8]})
-  swept = [m for m in results
-           if m["kind"] == "vae" and m["kl_weight"] != ELBO]
-  blaes = [m for m in results if m["kind"] == "blae"]
-  cmap = plt.get_cmap("viridis")
-  reds = plt.get_cmap("Reds")
-  power = FuncFormatter(lambda v, _: f"$10^{{{v:g}}}$")
-
-  def color_of(m):
-    if m["kind"] == "blae":
-      return reds(0.95 - 0.45 * blaes.index(m) / max(len(blaes) - 1, 1))
-    if m["kl_weight"] == ELBO:
-      return "black"
-    return cmap(swept.index(m) / max(len(swept) - 1, 1) * 0.9)
-
-  def draw(ax, set_name, lo, zoom):
-    first = results[0]["pairs"][set_name]
-    half_sq = math.log10(first["mean_sq_dist"] / 4)
-    ax.plot([lo, 0.0], [lo + half_sq, half_sq], "-", color="0.75", lw=1,
-            zorder=0, label=r"OVL $\cdot$ mean $\|x_i-x_j\|^2/4$")
-    ax.axhline(half_sq, ls="--", color="0.6", lw=1,
-               label=r"mean $\|x_i-x_j\|^2/4$ (bound at OVL = 1)")
-    off_scale = []
-    y_top = half_sq
-    for m in results:
-      s = m["pairs"][set_name]
-      color = color_of(m)
-      x_true, b_true = s["log10_mean_overlap"], s["log10_mean_bound"]
-      y_rec = math.log10(s["mean_l_rec"])
-      y_top = max(y_top, y_rec)
-      star = "" if s["overlap_estimate_reliable"] else "*"
-      if zoom and x_true < lo:
-        continue
-      x, y_bound = max(x_true, lo), max(b_true, lo)
-      ax.plot([x, x], [y_bound, y_rec], ":", color=color, lw=1)
-      big = m["name"] in highlight
-      ax.plot(x, y_rec, "o", color=color, ms=12 if big else 8, alpha=0.85,
-              mec="k" if big else color, mew=1.5 if big else 1)
-      ax.plot(x, y_bound, "v", mfc="none", color=color, ms=12 if big else 8,
-              mew=1.8 if big else 1)
-      if x_true < lo or b_true < lo:
-        off_scale.append((f"{_label(m)}{star}: OVL $10^{{{x_true:.0f}}}$, "
-                          f"bound $10^{{{b_true:.0f}}}$", color))
-      elif zoom:  # BL-AE labels to the right, VAE labels to the left
-        right = m["kind"] == "blae"
-        ax.annotate(_label(m) + star, (x, y_bound),
-                    textcoords="offset points", xytext=(8 if right else -8, -4),
-                    fontsize=8, color=color, ha="left" if right else "right")
-      elif x < zoom_floor:  # the rest is labelled in the zoom
-        ax.annotate(_label(m) + star, (x, y_rec), textcoords="offset points",
-                    xytext=(4, 7 + 14 * (results.index(m) % 2)),
-                    fontsize=7.5, color=color, rotation=25)
-    for k, (text, color) in enumerate(off_scale):
-      ax.annotate(text, (lo, lo), textcoords="offset points",
-                  xytext=(10, 6 + 11 * k), fontsize=7.5, color=color)
-    ax.plot([], [], "ko", label="measured $L_{rec}$ (mean over pairs)")
-    if highlight:
-      ax.plot([], [], "o", color="0.8", mec="k", mew=1.5, ms=10,
-              label="the comparison: ELBO VAE vs BL-AE (mesp_study.md)")
-    ax.plot([], [], "kv", mfc="none",
-            label=r"bound OVL $\|x_i-x_j\|^2/4$ (mean over pairs)")
-    pad = 0.04 * -lo
-    ax.set_xlim(lo - pad, pad)
-    ax.set_ylim(lo - 2 * pad, y_top + 4 * pad + 0.5)
-    ax.xaxis.set_major_formatter(power)
-    ax.yaxis.set_major_formatter(power)
-    ax.grid(alpha=0.3)
-    ax.set_ylabel("pair loss (squared error summed over pixels)")
-    name = "nearest-neighbour" if set_name == "nn" else set_name
-    if zoom:
-      ax.set_title(f"{name} pairs: zoom on OVL > $10^{{{lo:g}}}$",
-                   fontsize=10)
-      ax.set_xlabel("mean posterior overlap OVL$(q_i, q_j)$")
-    else:
-      ax.set_title(f"{name} pairs ({first['num_pairs']})")
-      ax.set_xlabel(f"mean posterior overlap OVL$(q_i, q_j)$ (values below "
-                    f"$10^{{{lo:g}}}$ drawn at the edge)")
-      ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.16))
-
-  for col, set_name in enumerate(sets):
-    draw(axes[0, col], set_name, floor, zoom=False)
-    draw(axes[1, col], set_name, zoom_floor, zoom=True)
-  fig.suptitle(title or "MESP: reconstruction floor vs posterior overlap",
-               fontsize=11)
-  fig.tight_layout()
-  if io.is_writer():
-    import io as _io
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    io.atomic_write_bytes(path, buf.getvalue())
-  plt.close(fig)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  for field in ("model.width", "model.bits", "train.batch_size",
-                "train.num_steps", "study.num_heldout", "study.rec_samples",
-                "study.overlap_samples", "study.decode_batch_size"):
-    check_positive(config, field)
-  for field in ("study.num_nn_pairs", "study.num_random_pairs",
-                "blae.beta"):
-    check_positive(config, field, allow_zero=True)
-  if config.study.num_nn_pairs + config.study.num_random_pairs == 0:
-    raise ValueError("config.study.num_nn_pairs and num_random_pairs are "
-                     "both 0: there is nothing to measure")
-  if config.study.rec_samples < 2:
-    raise ValueError("config.study.rec_samples must be >= 2 (the standard "
-                     "error needs two draws)")
-  if not config.vae.kl_weights and not config.vae.calibrated_elbo:
-    raise ValueError("no VAE to train: config.vae.kl_weights is empty and "
-                     "config.vae.calibrated_elbo is False")
-  for w in config.vae.kl_weights:
-    if w < 0:
-      raise ValueError(f"config.vae.kl_weights has a negative weight {w}")
-  for sigma in config.blae.sigmas:
-    if not sigma > 0:
-      raise ValueError(f"config.blae.sigmas has {sigma}; every BL-AE noise "
-                       f"level must be > 0")
-  primary = config.study.primary_blae_sigma
-  if primary is not None and float(primary) not in [
-      float(s) for s in config.blae.sigmas]:
-    raise ValueError(f"config.study.primary_blae_sigma={primary} is not in "
-                     f"config.blae.sigmas={tuple(config.blae.sigmas)}")
-  if config.study.overlap_proposal not in ("geometric", "mixture", "p"):
-    raise ValueError(f"config.study.overlap_proposal="
-                     f"{config.study.overlap_proposal!r}; choose one of "
-                     f"['geometric', 'mixture', 'p']")
-
-
-def mesp_study_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage ``mesp_study``: writes ``mesp_study.json`` and ``.png``."""
-  validate(config)
-  cfg = config.study
-  mesh = loop.make_mesh_from_config(config)
-  models = train_models(config, workdir, mesh)
-
-  source = source_from_config(config.data, cfg.heldout_split)
-  n = min(int(cfg.num_heldout), len(source))
-  record = source.read(np.arange(n))
-  images = to_float_images(record["image"])  # [N, H, W, C] in [-1, 1]
-  pairs = select_pairs(images, int(cfg.num_nn_pairs),
-                       int(cfg.num_random_pairs), int(cfg.seed))
-  pairs = {k: v for k, v in pairs.items() if v.shape[0]}
-  results = []
-  for m in models:
-    if m["kind"] == "vae":
-      net = build_vae(config.model, image_channels=images.shape[-1])
-    else:
-      net = build_blae(blae_config(config, m["sigma"]).blae,
-                       image_channels=images.shape[-1])
-    res = measure_model(m, net, images, pairs, cfg, int(cfg.seed))
-    res["workdir"] = os.path.abspath(os.path.join(workdir, m["name"]))
-    results.append(res)
-    if io.is_writer():
-      msg = " | ".join(
-          f"{k}: log10 OVL {s['log10_mean_overlap']:.3g}, L_rec "
-          f"{s['mean_l_rec']:.3g}, bound {s['mean_bound']:.3g}"
-          for k, s in res["pairs"].items())
-      print(f"[mesp_study] {_label(res)} (bin rate {res['bin_rate']:.3f}): "
-            f"{msg}", flush=True)
-
-  vae_ok = all(s["bound_below_l_rec"] for r in results if r["kind"] == "vae"
-               for s in r["pairs"].values())
-  all_ok = all(s["bound_below_l_rec"] for r in results
-               for s in r["pairs"].values())
-  summary = {
-      "dataset": config.data.name, "heldout_split": cfg.heldout_split,
-      "num_heldout": n,
-      "pairs": {k: {"num_pairs": int(v.shape[0])} for k, v in pairs.items()},
-      "all_vae_bounds_below_l_rec": vae_ok,
-      "all_bounds_below_l_rec": all_ok,
-      "l_rec_definition": ("(E_{z~q_i}||d(z)-x_i||^2 + E_{z~q_j}||d(z)-x_j||"
-                           "^2)/2, squared error summed over pixels in "
-                           "[-1, 1], Monte Carlo over rec_samples draws"),
-      "bound_definition": "OVL(q_i, q_j) * ||x_i - x_j||^2 / 4",
-      "comparison": compare(results, cfg.primary_blae_sigma),
-      "models": results,
-      "config": config.to_dict(),
-  }
-  io.write_json(os.path.join(workdir, "mesp_study.json"), summary)
-  first = summary["comparison"][next(iter(pairs))]
-  plot(results, os.path.join(workdir, "mesp_study.png"),
-       f"MESP: reconstruction floor vs posterior overlap (held-out "
-       f"{config.data.name} {cfg.heldout_split}, {n} images)",
-       highlight=(first["elbo_vae"], first["blae"]) if "blae" in first
-       else ())
-  if not vae_ok and cfg.get("fail_on_violation", True):
-    raise AssertionError(
-        f"a VAE's mean bound exceeds its measured L_rec (see "
-        f"{workdir}/mesp_study.json): the bound is a theorem, so this is a "
-        f"bug or Monte Carlo noise; raise config.study.rec_samples")
-  return summary

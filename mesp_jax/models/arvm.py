@@ -56,7 +56,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mesp_jax.models import bits as bits_lib
+from mesp_jax.base import bits as bits_lib
+from mesp_jax.base.gamma import parse_gamma
+from mesp_jax.models import local_attention
 
 EMBED_CHOICES = ("linear", "linear+table")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -68,23 +70,6 @@ _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 # ----------------------------------------------------------------------------
 # Mask.
 # ----------------------------------------------------------------------------
-
-
-def parse_gamma(gamma: Any) -> int | None:
-  """``None`` / ``"global"`` -> None (causal); a non-negative int -> itself."""
-  if gamma is None:
-    return None
-  if isinstance(gamma, str):
-    if gamma.strip().lower() in ("global", "none"):
-      return None
-    raise ValueError(
-        f"gamma={gamma!r}: expected a non-negative int, None or 'global'")
-  if isinstance(gamma, bool) or not isinstance(gamma, (int, np.integer)):
-    raise ValueError(
-        f"gamma={gamma!r}: expected a non-negative int, None or 'global'")
-  if gamma < 0:
-    raise ValueError(f"gamma={gamma} must be >= 0 (or None / 'global')")
-  return int(gamma)
 
 
 def slot_visible(query: Any, key: Any, width: int, tokens_per_pos: int,
@@ -177,7 +162,8 @@ class Attention(nn.Module):
       x: [B, S, D] normalised query-stream inputs.
       ctx: [B, S, D] normalised context embeddings of the same slots.
       mask: [S, L] boolean, True = may attend (L = S without a cache, else the
-        cache length).
+        cache length); or a :class:`local_attention.LocalWindow` (no cache,
+        S = T): block-local attention under the gamma mask.
       kv: optional cache ``{'k', 'v'}`` each [B, heads, L, head_dim]; the keys
         and values of ``ctx`` are written at entry ``write_index``.
       write_index: scalar int, cache entry of the first slot of ``ctx``.
@@ -201,6 +187,14 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
       v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
       new_cache = {"k": k, "v": v}  # [B, h, L, hd]
+    if isinstance(mask, local_attention.LocalWindow):
+      if kv is not None:
+        raise ValueError("block-local attention has no cache path")
+      out = local_attention.block_local_attention(
+          q, k.astype(self.dtype), v.astype(self.dtype), height=mask.height,
+          width=mask.width, tokens_per_pos=mask.tokens_per_pos,
+          gamma=mask.gamma)  # [B, S, h, hd]
+      return dense(d, axis=(-2, -1), name="out")(out), None  # [B, S, D]
     logits = jnp.einsum("bshd,bhld->bhsl", q, k.astype(self.dtype))
     logits = logits.astype(jnp.float32) / math.sqrt(head_dim)  # [B, h, S, L]
     logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
@@ -256,6 +250,10 @@ class ARVM(nn.Module):
     embed: ``'linear'`` (Dense of the +-1 bits) or ``'linear+table'`` (plus a
       learned 2**g table).
     dtype: activation dtype (params are float32).
+    attention: full forward pass attention, ``'dense'`` ([T, T] mask),
+      ``'block_local'`` (per grid row, :mod:`local_attention`; dense for
+      global gamma) or ``'auto'`` (block-local when cheaper); same params and
+      same results up to float round-off. :meth:`decode` is unaffected.
   """
 
   height: int
@@ -270,10 +268,14 @@ class ARVM(nn.Module):
   num_classes: int = 0
   embed: str = "linear"
   dtype: Any = jnp.float32
+  attention: str = "dense"
 
   def __post_init__(self):
     # Accept "global" / "none" strings when the module is built directly.
     object.__setattr__(self, "gamma", parse_gamma(self.gamma))
+    if self.attention not in local_attention.ATTENTION_CHOICES:
+      raise ValueError(f"attention={self.attention!r} must be one of "
+                       f"{list(local_attention.ATTENTION_CHOICES)}")
     super().__post_init__()
 
   # Derived sizes.
@@ -402,8 +404,12 @@ class ARVM(nn.Module):
         self._token_context(tokens[:, :-1], jnp.arange(t - 1)[None]),
     ], axis=1)  # [B, T, D]
     x = self._query_init(start, jnp.arange(t))  # [B, T, D]
-    mask = jnp.asarray(
-        gamma_mask(self.height, self.width, self.tokens_per_pos, self.gamma))
+    geometry = (self.height, self.width, self.tokens_per_pos, self.gamma)
+    if local_attention.resolve_attention(self.attention,
+                                         *geometry) == "block_local":
+      mask = local_attention.LocalWindow(*geometry)
+    else:
+      mask = jnp.asarray(gamma_mask(*geometry))  # [T, T]
     for block in self.blocks:
       x, _ = block(x, ctx, mask)
     return self._logits(x)  # [B, T, V]
@@ -482,15 +488,15 @@ def build_arvm(cfg: ml_collections.ConfigDict, grid: tuple[int, int],
   """Builds an :class:`ARVM` from ``config.arvm``.
 
   Args:
-    cfg: ConfigDict with ``group, gamma, num_layers, width, num_heads,
-      mlp_ratio, num_classes, embed, dtype`` (``width`` is the model width).
+    cfg: ConfigDict with ``group, gamma, num_layers, d_model, num_heads,
+      mlp_ratio, num_classes, embed, dtype``.
     grid: latent grid (H, W).
     bits: bits per latent position C.
 
   Raises:
     ValueError naming the offending field.
   """
-  for field in ("group", "gamma", "num_layers", "width", "num_heads",
+  for field in ("group", "gamma", "num_layers", "d_model", "num_heads",
                 "mlp_ratio", "num_classes", "embed", "dtype"):
     if field not in cfg:
       raise ValueError(f"arvm.{field} is missing from the config")
@@ -509,13 +515,13 @@ def build_arvm(cfg: ml_collections.ConfigDict, grid: tuple[int, int],
     gamma = parse_gamma(cfg.gamma)
   except ValueError as e:
     raise ValueError(f"arvm.gamma: {e}") from None
-  for field in ("num_layers", "width", "num_heads"):
+  for field in ("num_layers", "d_model", "num_heads"):
     value = cfg[field]
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"arvm.{field}={value!r} must be a positive int")
-  if cfg.width % cfg.num_heads:
+  if cfg.d_model % cfg.num_heads:
     raise ValueError(
-        f"arvm.width={cfg.width} must be divisible by arvm.num_heads="
+        f"arvm.d_model={cfg.d_model} must be divisible by arvm.num_heads="
         f"{cfg.num_heads}")
   if not cfg.mlp_ratio > 0:
     raise ValueError(f"arvm.mlp_ratio={cfg.mlp_ratio!r} must be > 0")
@@ -528,7 +534,7 @@ def build_arvm(cfg: ml_collections.ConfigDict, grid: tuple[int, int],
   if cfg.dtype not in DTYPES:
     raise ValueError(f"arvm.dtype={cfg.dtype!r} must be one of {list(DTYPES)}")
   return ARVM(height=height, width=width, bits=int(bits), group=group,
-              gamma=gamma, num_layers=cfg.num_layers, d_model=cfg.width,
+              gamma=gamma, num_layers=cfg.num_layers, d_model=cfg.d_model,
               num_heads=cfg.num_heads, mlp_ratio=float(cfg.mlp_ratio),
               num_classes=cfg.num_classes, embed=cfg.embed,
               dtype=DTYPES[cfg.dtype])

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mesp_jax.models import bits as bits_lib
+from mesp_jax.base import bits as bits_lib
 
 FAMILIES = ("full_res", "downsample")
 
@@ -211,14 +211,6 @@ def blae_loss(recon, z, x, beta: float):
 def bin_rate(z, tol: float = 0.1):
   """Share of code entries within ``tol`` of +-1 (|z| >= 1 - tol)."""
   return jnp.mean((jnp.abs(z) >= 1.0 - tol).astype(jnp.float32))
-
-
-def psnr(x, y):
-  """Per-image PSNR in dB on the 0..255 scale for images in [-1, 1]. [B]."""
-  x = jnp.clip(x, -1.0, 1.0)
-  y = jnp.clip(y, -1.0, 1.0)
-  mse = jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))
-  return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
 
 
 def encode_tokens(model: BLAE, params, x, group: int):

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mesp_jax.base import sharding as sharding_lib
 from mesp_jax.models import arvm as arvm_lib
-from mesp_jax.train import sharding as sharding_lib
 
 CACHE_KINDS = ("ring", "full", "none")
 

@@ -24,9 +24,10 @@ How it is evaluated exactly, but fast:
   incrementally: between consecutive steps only the tokens entering and
   leaving the window are added/subtracted, or the state is reset and rebuilt
   where that is cheaper (row wraps, random order). The host computes this
-  schedule once (:func:`build_schedule`); each schedule op carries a fixed
-  number ``K`` of signed token indices, so a long rebuild is split into
-  several ops; the histogram is formed in the same pass as a step's last op.
+  schedule once (:func:`mesp_jax.sample.kernel_schedule.build_schedule`);
+  each schedule op carries a fixed number ``K`` of signed token indices, so a
+  long rebuild is split into several ops; the histogram is formed in the same
+  pass as a step's last op.
 * The weights are aggregated by the bank's token value at the current position
   first, ``A[u] = sum_n w_n [z^n_i = u]`` (a segment sum), then
   ``p = A @ Kmat / sum(A)`` with the 2^g x 2^g kernel matrix. Weights are
@@ -57,24 +58,18 @@ import scipy.special
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mesp_jax.train.sharding import (
+from mesp_jax.base import bits as bits_lib
+from mesp_jax.base.sharding import (
   DATA_AXES,
   SHARD_MAP_CHECK_KW,
   make_mesh,
   shard_map,
 )
-
-# Folded into ``rng`` to draw the random generation order. Token draws fold in
-# the sample index (< 2^32 - 1), so the two never share a key.
-ORDER_SALT = 0xFFFFFFFF
-
-# Cost model for choosing the op width K (in bit-equivalents of matmul work):
-# one op costs about ``K * g + OP_OVERHEAD_BITS`` (the overhead is reading and
-# writing the [N, S] state once), measured on the development CPU.
-OP_OVERHEAD_BITS = 85
-
-Gamma = int | str | None
-
+from mesp_jax.sample.kernel_schedule import (
+  Schedule,
+  build_schedule,
+  generation_order,
+)
 
 # ---------------------------------------------------------------------------
 # Closed forms: flip probability and kernel matrix.
@@ -108,173 +103,6 @@ def _weight_scale(sigma_s: float) -> float:
   """``a_w = -log(p / (1 - p)) / 2``: log w_n = const + a_w * IP_n."""
   log_p, log_q = log_flip_probabilities(sigma_s)
   return 0.5 * (log_q - log_p)
-
-
-# ---------------------------------------------------------------------------
-# Generation order and the context schedule (host side, numpy).
-# ---------------------------------------------------------------------------
-
-
-def parse_gamma(gamma: Gamma) -> int | None:
-  """``None``/'global' -> None (all generated tokens); else an int >= 0."""
-  if gamma is None or (isinstance(gamma, str) and gamma.lower() == "global"):
-    return None
-  try:
-    value = int(gamma)
-  except (TypeError, ValueError):
-    raise ValueError(
-        f"gamma must be an int >= 0, None or 'global', got {gamma!r}") from None
-  if value < 0 or value != float(gamma):
-    raise ValueError(f"gamma must be an int >= 0, got {gamma!r}")
-  return value
-
-
-def generation_order(height: int, width: int,
-                     order: str | Sequence[int] | np.ndarray = "raster",
-                     rng: jax.Array | None = None) -> np.ndarray:
-  """The order in which grid positions are generated, [H * W] int.
-
-  Args:
-    height: grid height H.
-    width: grid width W.
-    order: 'raster', 'random' (a permutation drawn from
-      ``fold_in(rng, ORDER_SALT)``) or an explicit permutation of
-      ``range(H * W)`` (raster indices ``i * W + j``).
-    rng: key for 'random'.
-  """
-  num_pos = height * width
-  if isinstance(order, str):
-    if order == "raster":
-      return np.arange(num_pos)
-    if order == "random":
-      if rng is None:
-        raise ValueError("order='random' needs an rng")
-      perm = jax.random.permutation(jax.random.fold_in(rng, ORDER_SALT),
-                                    num_pos)
-      return np.asarray(perm).astype(np.int64)
-    raise ValueError(f"order must be 'raster', 'random' or a permutation, "
-                     f"got {order!r}")
-  perm = np.asarray(order).astype(np.int64).reshape(-1)
-  if sorted(perm.tolist()) != list(range(num_pos)):
-    raise ValueError(f"order must be a permutation of range({num_pos})")
-  return perm
-
-
-def context_masks(height: int, width: int, tokens_per_position: int,
-                  gamma: Gamma, positions: np.ndarray):
-  """Yields ``(t, mask)`` per generation step, in generation order.
-
-  ``t`` is the sequence index (raster position-major, group-minor) of the
-  token generated at that step and ``mask`` a [T] bool vector of the context
-  tokens (already generated, grid position within Chebyshev distance gamma).
-  """
-  gamma = parse_gamma(gamma)
-  tp = tokens_per_position
-  num_pos = height * width
-  rows = np.arange(num_pos) // width
-  cols = np.arange(num_pos) % width
-  rank = np.empty(num_pos, np.int64)
-  rank[positions] = np.arange(num_pos)
-  for p in positions:
-    before = rank < rank[p]  # [P]
-    if gamma is not None:
-      cheb = np.maximum(np.abs(rows - rows[p]), np.abs(cols - cols[p]))
-      before &= cheb <= gamma
-    for k in range(tp):
-      mask = np.repeat(before, tp)  # [T]
-      mask[p * tp:p * tp + k] = True  # earlier groups of the same position
-      yield p * tp + k, mask
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-  """Host-computed list of state updates.
-
-  Attributes:
-    idx: [O, K] int32 token sequence indices added to (sign +1) or subtracted
-      from (sign -1) the inner-product state; padding has sign 0.
-    sign: [O, K] float32 in {-1, 0, +1}.
-    reset: [O] bool: zero the state before applying this op.
-    first: [steps] int32 first op of each generation step.
-    count: [steps] int32 ops of each step (>= 1); the step's token is drawn
-      after its last op.
-    token: [steps] int32 sequence index of the token of each step.
-  """
-  idx: np.ndarray
-  sign: np.ndarray
-  reset: np.ndarray
-  first: np.ndarray
-  count: np.ndarray
-  token: np.ndarray
-
-  @property
-  def width(self) -> int:
-    return int(self.idx.shape[1])
-
-  @property
-  def num_ops(self) -> int:
-    return int(self.idx.shape[0])
-
-
-def build_schedule(height: int, width: int, tokens_per_position: int,
-                   gamma: Gamma, positions: np.ndarray, group: int,
-                   max_tokens: int | None = None) -> Schedule:
-  """Plans the incremental context updates for one generation order.
-
-  For every step the cheaper of "update" (add entering, subtract leaving
-  tokens) and "reset" (zero the state, add the whole context) is chosen; the
-  op width K minimises ``num_ops * (K * g + OP_OVERHEAD_BITS)``.
-
-  Args:
-    height, width, tokens_per_position: the token grid.
-    gamma: observation range (int, None or 'global').
-    positions: [H * W] generation order of positions.
-    group: bits per token g.
-    max_tokens: keep only the first steps (benchmarks time a slice); K is
-      still chosen for the whole generation.
-  """
-  tokens, resets, items = [], [], []  # per step: t, reset?, [(idx, sign)]
-  prev = np.zeros(height * width * tokens_per_position, bool)
-  for t, mask in context_masks(height, width, tokens_per_position, gamma,
-                               positions):
-    enter = np.flatnonzero(mask & ~prev)
-    leave = np.flatnonzero(prev & ~mask)
-    full = np.flatnonzero(mask)
-    is_reset = len(full) < len(enter) + len(leave)
-    if is_reset:
-      item = np.stack([full, np.ones_like(full)], 1)
-    else:
-      item = np.concatenate([np.stack([enter, np.ones_like(enter)], 1),
-                             np.stack([leave, -np.ones_like(leave)], 1)])
-    tokens.append(t)
-    resets.append(is_reset)
-    items.append(item)  # [n, 2]
-    prev = mask
-  lengths = np.asarray([len(x) for x in items])
-  widths = np.arange(1, max(int(lengths.max()), 1) + 1)
-  ops_per_width = np.maximum(
-      1, -(-lengths[None, :] // widths[:, None])).sum(1)  # [widths]
-  width_k = int(widths[np.argmin(ops_per_width *
-                                 (widths * group + OP_OVERHEAD_BITS))])
-  idx, sign, reset, first, count = [], [], [], [], []
-  for is_reset, item in zip(resets[:max_tokens], items[:max_tokens],
-                             strict=True):
-    n_ops = max(1, -(-len(item) // width_k))
-    padded = np.zeros((n_ops * width_k, 2), np.int64)  # padding: sign 0
-    padded[:len(item)] = item
-    first.append(len(reset))
-    count.append(n_ops)
-    idx.append(padded[:, 0].reshape(n_ops, width_k))
-    sign.append(padded[:, 1].reshape(n_ops, width_k))
-    reset.extend([is_reset] + [False] * (n_ops - 1))
-  token = tokens[:max_tokens]
-  return Schedule(
-      idx=np.concatenate(idx).astype(np.int32),
-      sign=np.concatenate(sign).astype(np.float32),
-      reset=np.asarray(reset, bool),
-      first=np.asarray(first, np.int32),
-      count=np.asarray(count, np.int32),
-      token=np.asarray(token, np.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -392,15 +220,6 @@ def kernel_memory_bytes(bank: KernelBank, num_samples: int,
 # ---------------------------------------------------------------------------
 
 
-def _unpack_bits(tokens: jax.Array, group: int, axis: int) -> jax.Array:
-  """Tokens -> +-1 bits as a new axis (MSB first) at ``axis`` (int32)."""
-  shifts = jnp.arange(group - 1, -1, -1, dtype=jnp.int32)
-  tok = jnp.expand_dims(tokens.astype(jnp.int32), axis)
-  shape = [1] * tok.ndim
-  shape[axis] = group
-  return ((tok >> shifts.reshape(shape)) & 1) * 2 - 1
-
-
 def _local_program(chunks, valid, idx, sign, reset, first, count, token,
                    forced, rng, a_w, kmat, inv_temp, *, num_samples: int,
                    group: int, teacher: bool):
@@ -413,14 +232,16 @@ def _local_program(chunks, valid, idx, sign, reset, first, count, token,
 
   def op_bits(samples, o):
     """Signed context bits of op o: [S, K g] bf16 in {-1, 0, 1}."""
-    xs = _unpack_bits(jnp.take(samples, idx[o], axis=1), g, 2)  # [S, K, g]
+    xs = bits_lib.unpack(jnp.take(samples, idx[o], axis=1), g, jnp.int32,
+                         axis=2)  # [S, K, g]
     xs = xs * sign[o][None, :, None].astype(jnp.int32)
     return xs.reshape(s, width_k * g).astype(jnp.bfloat16)
 
   def chunk_state(i, state, xs, o):
     """Inner products [S, c] of chunk i after op o."""
     z = chunks[i, idx[o]]  # [K, c]
-    zb = _unpack_bits(z, g, 1).reshape(width_k * g, c).astype(jnp.bfloat16)
+    zb = bits_lib.unpack(z, g, jnp.int32, axis=1)  # [K, g, c]
+    zb = zb.reshape(width_k * g, c).astype(jnp.bfloat16)
     delta = jnp.dot(xs, zb, preferred_element_type=jnp.float32)  # [S, c]
     old = jax.lax.dynamic_index_in_dim(state, i, 0, keepdims=False)  # [S, c]
     # The barrier materialises the new chunk once, so the state is updated in
@@ -562,7 +383,7 @@ def _as_bank(bank_tokens, group, chunk_size, mesh) -> KernelBank:
 
 
 def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
-                  group: int, sigma_s: float, gamma: Gamma, num_samples: int,
+                  group: int, sigma_s: float, gamma: int | str | None, num_samples: int,
                   rng: jax.Array, order: str | Sequence[int] = "raster",
                   temperature: float = 1.0, chunk_size: int = 8192,
                   mesh: Mesh | None = None,
@@ -578,7 +399,8 @@ def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
       generated tokens.
     num_samples: S.
     rng: PRNG key. Token t of sample s uses ``fold_in(fold_in(rng, s), t)``;
-      order='random' draws the order from ``fold_in(rng, ORDER_SALT)``.
+      order='random' draws the order from ``fold_in(rng, ORDER_SALT)``
+      (:mod:`mesp_jax.sample.kernel_schedule`).
     order: 'raster', 'random' or an explicit permutation of the H*W positions.
     temperature: tokens are drawn from ``p(v)^(1/temperature)`` (normalised);
       0 takes the most likely token.
@@ -603,7 +425,7 @@ def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
 
 def kernel_histograms(bank_tokens: np.ndarray | jax.Array | KernelBank,
                       context_tokens: np.ndarray | jax.Array, *, group: int,
-                      sigma_s: float, gamma: Gamma,
+                      sigma_s: float, gamma: int | str | None,
                       order: str | Sequence[int] = "raster",
                       rng: jax.Array | None = None, chunk_size: int = 8192,
                       mesh: Mesh | None = None) -> jax.Array:

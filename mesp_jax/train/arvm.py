@@ -1,11 +1,9 @@
-"""Stages ``arvm`` (train the neural gamma-ARVM) and ``sample``.
+"""The neural gamma-ARVM task for the training loop, and restoring one.
 
-``arvm`` trains on the token grids written by ``blae_encode``
-(``config.tokens.dir``/tokens_{split}.npz); the BL-AE those tokens came from
-decodes the periodic sample grids. ``sample`` restores a trained ARVM, draws
-``config.sample.num_samples`` token grids with the jitted KV-cache sampler,
-decodes them with the BL-AE and writes ``samples.png`` and ``samples.npz``
-(``tokens``, ``images`` in [-1, 1], ``labels``).
+The task trains on the token grids written by stage ``blae_encode``
+(``config.inputs.tokens_dir``/tokens_{split}.npz) with the cross-entropy of
+the histogram head (docs/method.md, section 'Neural gamma-ARVM'); eval reports
+bits per token and per image.
 """
 
 from __future__ import annotations
@@ -17,31 +15,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mesp_jax import io
-from mesp_jax.config_utils import check_choice, check_positive
 from mesp_jax.data import Loader, eval_batches
 from mesp_jax.data.tokens import TokenSource
 from mesp_jax.models import arvm as arvm_lib
-from mesp_jax.models.blae import decode_tokens
-from mesp_jax.sample import decode
-from mesp_jax.train import blae as blae_stage
-from mesp_jax.train import loop, sharding
+from mesp_jax.train import loop
 
-ARCHITECTURE_FIELDS = ("group", "gamma", "num_layers", "width", "num_heads",
-                       "mlp_ratio", "num_classes", "embed")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  check_choice(config, "arvm.target", arvm_lib.TARGETS)
-  check_positive(config, "arvm.sigma_s")
-  check_positive(config, "train.batch_size")
-  check_positive(config, "train.num_steps")
-  if not 0.0 <= config.arvm.get("label_drop", 0.0) < 1.0:
-    raise ValueError("config.arvm.label_drop must be in [0, 1)")
+ARCHITECTURE_FIELDS = ("group", "gamma", "num_layers", "d_model",
+                       "num_heads", "mlp_ratio", "num_classes", "embed")
 
 
 def token_sources(config) -> tuple[TokenSource, TokenSource]:
-  directory = config.tokens.dir
+  """The train and eval token sources of ``config.inputs.tokens_dir``."""
+  directory = config.inputs.tokens_dir
   group = config.arvm.group
   train_split = config.tokens.get("train_split", "train")
   eval_split = config.tokens.get("eval_split", "test")
@@ -58,12 +43,18 @@ def model_meta(config, grid, bits) -> dict:
 
 
 def blae_workdir_for(config, source: TokenSource) -> str:
-  return config.tokens.get("blae_workdir") or source.blae_workdir
+  """The BL-AE of the tokens: ``config.inputs.blae_workdir`` or the tokens'."""
+  return config.inputs.get("blae_workdir") or source.blae_workdir
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str,
-              mesh=None) -> loop.Task:
-  validate(config)
+              visualize=None) -> loop.Task:
+  """The :class:`loop.Task` of the neural ARVM on ``config.inputs.tokens_dir``.
+
+  ``visualize``: optional ``(model, params, step, workdir)`` hook (the stage
+  passes one that draws and decodes a sample grid).
+  """
+  del workdir
   train_src, eval_src = token_sources(config)
   model = arvm_lib.build_arvm(config.arvm, train_src.grid, train_src.bits)
   cfg = config.arvm
@@ -96,24 +87,10 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     bpt = jnp.mean(nll, axis=1) / jnp.log(2.0)  # [B]
     return {"bits_per_token": bpt, "bits_per_image": bpt * model.seq_len}
 
-  blae_dir = blae_workdir_for(config, train_src)
-  vis = config.get("sample", ml_collections.ConfigDict())
-  blae = {}
-
-  def visualize(params, step, workdir_):
-    if not blae:
-      model_b, params_b, _, _ = blae_stage.load_blae(blae_dir, mesh)
-      blae.update(model=model_b, params=params_b)
-    n = 16
-    labels = (np.arange(n) % cfg.num_classes if conditional else None)
-    tokens = decode.sample_tokens(
-        model, params, jax.random.fold_in(jax.random.key(config.seed), step),
-        n, labels, temperature=vis.get("temperature", 1.0),
-        top_k=vis.get("top_k", 0), top_p=vis.get("top_p", 1.0),
-        cfg_scale=vis.get("cfg_scale", 0.0), cache="ring")
-    images = decode_tokens(blae["model"], blae["params"], tokens, cfg.group)
-    io.save_grid(os.path.join(workdir_, "samples_latest.png"),
-                 np.asarray(images), ncol=8)
+  hook = None
+  if visualize is not None:
+    def hook(params, step, workdir_):
+      visualize(model, params, step, workdir_)
 
   return loop.Task(
       name="arvm", init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
@@ -123,18 +100,28 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
           eval_src, config.train.get("eval_batch_size",
                                      config.train.batch_size),
           config.tokens.get("eval_examples", 0) or None),
-      visualize=visualize if blae_dir else None)
+      visualize=hook)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Stage ``arvm``: trains (or resumes) the neural gamma-ARVM."""
-  mesh = loop.make_mesh_from_config(config)
-  return loop.train(config, workdir, make_task(config, workdir, mesh), mesh)
+def upgrade_config(config: ml_collections.ConfigDict
+                   ) -> ml_collections.ConfigDict:
+  """A saved ARVM config in today's names (``arvm.width`` -> ``d_model``,
+  ``tokens.dir`` / ``tokens.blae_workdir`` -> ``inputs.*``)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if "width" in config.arvm and "d_model" not in config.arvm:
+    arvm = config.arvm.to_dict()
+    arvm["d_model"] = arvm.pop("width")
+    config.arvm = ml_collections.ConfigDict(arvm)
+  if "inputs" not in config:
+    config.inputs = ml_collections.ConfigDict(dict(
+        tokens_dir=config.tokens.get("dir", ""),
+        blae_workdir=config.tokens.get("blae_workdir", "")))
+  return config
 
 
 def load_arvm(workdir: str, mesh=None):
   """Restores a trained ARVM: (model, params, config, step, blae_workdir)."""
-  config = blae_stage.load_config_json(workdir, "arvm")
+  config = upgrade_config(loop.load_run_config(workdir, "arvm"))
   train_src, _ = token_sources(config)
   model = arvm_lib.build_arvm(config.arvm, train_src.grid, train_src.bits)
   example = jnp.asarray(train_src.read(np.arange(1))["tokens"])
@@ -144,48 +131,3 @@ def load_arvm(workdir: str, mesh=None):
       workdir, config, lambda r: model.init(r, example, labels),
       model_meta(config, train_src.grid, train_src.bits), mesh)
   return model, params, config, step, blae_workdir_for(config, train_src)
-
-
-def sample_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage ``sample``: samples.png + samples.npz from a trained ARVM."""
-  scfg = config.sample
-  check_choice(config, "sample.cache", decode.CACHE_KINDS)
-  mesh = loop.make_mesh_from_config(config)
-  arvm_dir = scfg.get("arvm_workdir") or workdir
-  model, params, arvm_config, step, blae_dir = load_arvm(arvm_dir, mesh)
-  blae_dir = scfg.get("blae_workdir") or blae_dir
-  model_b, params_b, _, _ = blae_stage.load_blae(blae_dir, mesh)
-  dp = sharding.data_parallel_size(mesh)
-  batch = int(scfg.get("batch_size", 64))
-  if batch % dp:
-    raise ValueError(f"config.sample.batch_size={batch} must be divisible by "
-                     f"the data-parallel size {dp}")
-  num = int(scfg.num_samples)
-  rng = jax.random.key(int(scfg.get("seed", 0)))
-  conditional = model.num_classes > 0
-  all_tokens, all_images, all_labels = [], [], []
-  for start in range(0, num, batch):
-    labels = ((np.arange(start, start + batch) % model.num_classes)
-              .astype(np.int32) if conditional else None)
-    tokens = decode.sample_tokens(
-        model, params, jax.random.fold_in(rng, start // batch), batch, labels,
-        temperature=scfg.get("temperature", 1.0), top_k=scfg.get("top_k", 0),
-        top_p=scfg.get("top_p", 1.0), cfg_scale=scfg.get("cfg_scale", 0.0),
-        cache=scfg.get("cache", "ring"), mesh=mesh)
-    images = decode_tokens(model_b, params_b, tokens, model.group)
-    all_tokens.append(np.asarray(jax.device_get(tokens)))
-    all_images.append(np.asarray(jax.device_get(images)))
-    all_labels.append(labels if conditional else np.full(batch, -1, np.int32))
-    print(f"[sample] {min(start + batch, num)}/{num} samples", flush=True)
-  tokens = np.concatenate(all_tokens)[:num]
-  images = np.concatenate(all_images)[:num]
-  labels = np.concatenate(all_labels)[:num]
-  os.makedirs(workdir, exist_ok=True)
-  npz = os.path.join(workdir, "samples.npz")
-  io.save_npz(npz, tokens=tokens, images=images, labels=labels,
-              group=np.int32(model.group), arvm_step=np.int32(step),
-              gamma=np.asarray(str(model.gamma)))
-  png = os.path.join(workdir, "samples.png")
-  io.save_grid(png, images[:64], ncol=8)
-  print(f"[sample] wrote {png} and {npz}", flush=True)
-  return {"png": png, "npz": npz, "num_samples": num}

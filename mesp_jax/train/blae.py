@@ -1,65 +1,37 @@
-"""Stages ``blae`` (train the binary latent autoencoder) and ``blae_encode``.
+"""The BL-AE task for the training loop, restoring a trained BL-AE, encoding.
 
-``blae`` trains with the paper's loss, ``mse(dec(z + sigma eps), x) + beta
-mean(z^2)`` with ``z = tanh(enc(x))``; sigma may ramp linearly from
-``sigma_start`` to ``sigma`` over ``sigma_ramp_steps``. Eval decodes from the
+The task trains with the paper's loss (docs/method.md, section 'BL-AE'),
+``mse(dec(z + sigma eps), x) + beta mean(z^2)`` with ``z = tanh(enc(x))``;
+sigma may ramp linearly from ``sigma_start`` to ``sigma`` over
+``sigma_ramp_steps``. Eval decodes from the
 sign bits (``psnr``) and from the noise-free code (``psnr_continuous``) and
 reports ``bin_rate`` and per-bit usage.
 
-``blae_encode`` turns whole splits into token grids for the ARVM:
-``tokens_{split}.npz`` with ``tokens`` int32 [N, h, w, 1] (one token of C bits
-per position, first channel most significant), ``labels``, ``bits``, ``grid``
-and the checkpoint it came from.
+:func:`encode_split` turns a whole split into token grids for the ARVM
+(one token of C bits per position, first channel most significant).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
-from mesp_jax import io
-from mesp_jax.config_utils import check_choice, check_positive
-from mesp_jax.data import Loader, eval_batches, image_channels, source_from_config
-from mesp_jax.data.loader import to_float_images
-from mesp_jax.models import bits as bits_lib
+from mesp_jax.base import bits as bits_lib
+from mesp_jax.base import io, sharding
+from mesp_jax.base.image import psnr, to_float_images
+from mesp_jax.data import Loader, eval_batches, image_channels, train_eval_sources
 from mesp_jax.models.blae import (
-    ARCHITECTURE_FIELDS,
-    BLAE,
-    bin_rate,
-    blae_loss,
-    build_blae,
-    psnr,
+  ARCHITECTURE_FIELDS,
+  BLAE,
+  bin_rate,
+  blae_loss,
+  build_blae,
 )
-from mesp_jax.train import loop, sharding
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the bad field and the allowed values."""
-  check_choice(config, "blae.family", ("full_res", "downsample"))
-  if config.blae.family == "downsample":
-    check_choice(config, "blae.downsample_factor", (1, 2, 4, 8, 16))
-  for field in ("blae.width", "blae.bits", "train.batch_size",
-                "train.num_steps", "train.learning_rate", "data.image_size"):
-    check_positive(config, field)
-  for field in ("blae.sigma", "blae.beta", "blae.num_res_blocks"):
-    check_positive(config, field, allow_zero=True)
-  if config.data.image_size % (config.blae.downsample_factor
-                               if config.blae.family == "downsample" else 1):
-    raise ValueError(
-        f"config.data.image_size={config.data.image_size} must be divisible "
-        f"by config.blae.downsample_factor={config.blae.downsample_factor}")
-
-
-def sources(config):
-  d = config.data
-  return (source_from_config(d, d.get("train_split", "train")),
-          source_from_config(d, d.get("eval_split", "test")))
+from mesp_jax.train import loop
 
 
 def sigma_at(cfg, step):
@@ -100,8 +72,7 @@ def make_loss_fn(model: BLAE, cfg: ml_collections.ConfigDict):
 
 
 def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
-  validate(config)
-  train_src, eval_src = sources(config)
+  train_src, eval_src = train_eval_sources(config.data)
   image_shape = train_src.image_shape
   model = build_blae(config.blae, image_channels=image_shape[-1])
   cfg = config.blae
@@ -164,27 +135,12 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
       summarize_eval=summarize_eval, visualize=visualize)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Stage ``blae``: trains (or resumes) the BL-AE in ``workdir``."""
-  return loop.train(config, workdir, make_task(config, workdir))
-
-
 # --------------------------------------------------------------------------
 # Loading a trained BL-AE and encoding splits.
 # --------------------------------------------------------------------------
-def load_config_json(workdir: str, name: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, f"{name}_config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found: {workdir!r} is not a trained {name} workdir. Train "
-        f"it first (stage '{name}') or point the config at the right folder.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def load_blae(workdir: str, mesh=None):
   """Restores a trained BL-AE: returns (model, params, config, step)."""
-  config = load_config_json(workdir, "blae")
+  config = loop.load_run_config(workdir, "blae")
   mesh = mesh or sharding.make_mesh()
   image_shape = (config.data.image_size, config.data.image_size,
                  image_channels(config.data.name))
@@ -207,36 +163,10 @@ def encode_split(model, params, source, batch_size: int, mesh
   tokens, labels = [], []
   for batch in eval_batches(source, batch_size):
     mask = batch.pop("mask")
-    out = encode(params, sharding.shard_batch({"image": batch["image"]},
-                                              mesh)["image"])
-    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
-    mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
-    lab = np.asarray(multihost_utils.process_allgather(batch["label"],
-                                                       tiled=True))
+    out = sharding.to_host(encode(
+        params, sharding.shard_batch({"image": batch["image"]}, mesh)["image"]))
+    mask = sharding.gather_local(mask)
+    lab = sharding.gather_local(batch["label"])
     tokens.append(out[mask])
     labels.append(lab[mask])
   return np.concatenate(tokens), np.concatenate(labels)
-
-
-def encode_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage ``blae_encode``: writes ``tokens_{split}.npz`` into ``workdir``."""
-  blae_dir = config.encode.get("blae_workdir") or workdir
-  mesh = loop.make_mesh_from_config(config)
-  model, params, blae_config, step = load_blae(blae_dir, mesh)
-  dp = sharding.data_parallel_size(mesh)
-  batch_size = int(config.encode.get("batch_size", 256))
-  batch_size = max(dp, batch_size // dp * dp)
-  written = {}
-  for split in config.encode.splits:
-    source = source_from_config(blae_config.data, split)
-    tokens, labels = encode_split(model, params, source, batch_size, mesh)
-    path = os.path.join(workdir, f"tokens_{split}.npz")
-    io.save_npz(path, tokens=tokens, labels=labels,
-                bits=np.int32(model.bits), grid=np.asarray(tokens.shape[1:3]),
-                checkpoint_step=np.int32(step),
-                blae_workdir=np.asarray(os.path.abspath(blae_dir)),
-                dataset=np.asarray(blae_config.data.name), split=split)
-    print(f"[blae_encode] {split}: {tokens.shape[0]} images -> tokens "
-          f"{tokens.shape[1:]} of {model.bits} bits -> {path}", flush=True)
-    written[split] = path
-  return written

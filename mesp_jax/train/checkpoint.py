@@ -38,7 +38,23 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
       meta=ocp.args.JsonSave(meta)), force=True)
 
 
+def upgrade_meta(saved: dict) -> dict:
+  """Reads meta written before a field was renamed in today's names.
+
+  ARVM checkpoints before the config schema called the model width
+  ``width``; it is ``d_model`` now (the same number).
+  """
+  model = saved.get("model")
+  if saved.get("stage") == "arvm" and isinstance(model, dict) and (
+      "width" in model and "d_model" not in model):
+    model = dict(model)
+    model["d_model"] = model.pop("width")
+    saved = dict(saved, model=model)
+  return saved
+
+
 def _compare_meta(saved: dict, current: dict, directory: str) -> None:
+  saved = upgrade_meta(saved)
   current = json.loads(json.dumps(current))  # tuples -> lists, as saved
   diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
            for k in sorted(set(saved) | set(current))

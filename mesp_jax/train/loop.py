@@ -12,6 +12,7 @@ array on the mesh) -> train_step -> checkpoint / metrics.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,9 +25,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from mesp_jax import io
+from mesp_jax.base import io, sharding
 from mesp_jax.train import checkpoint as ckpt
-from mesp_jax.train import sharding
 from mesp_jax.train.metrics import MetricWriter, Progress
 
 
@@ -111,12 +111,6 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation):
   return train_step
 
 
-def make_mesh_from_config(config: ml_collections.ConfigDict):
-  mesh_cfg = config.get("mesh", ml_collections.ConfigDict())
-  return sharding.make_mesh(data=mesh_cfg.get("data", -1),
-                            fsdp=mesh_cfg.get("fsdp", 1))
-
-
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; no checkpoint of that state is saved."""
 
@@ -152,7 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   Returns the final TrainState (sharded on the mesh).
   """
   tcfg = config.train
-  mesh = mesh or make_mesh_from_config(config)
+  mesh = mesh or sharding.mesh_from_config(config)
   dp = sharding.data_parallel_size(mesh)
   if tcfg.batch_size % dp:
     raise ValueError(
@@ -291,6 +285,21 @@ def restore_params(workdir: str, config: ml_collections.ConfigDict,
         f"{meta.get('stage', '?')!r} into that workdir first")
   step, state, _ = restored
   return state.params, step
+
+
+def load_run_config(workdir: str, name: str) -> ml_collections.ConfigDict:
+  """The config a trained stage saved in its workdir (``{name}_config.json``).
+
+  Raises:
+    FileNotFoundError: ``workdir`` holds no such run, with what to do.
+  """
+  path = os.path.join(workdir, f"{name}_config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {workdir!r} is not a trained {name} workdir. Train "
+        f"it first (stage '{name}') or point the config at the right folder.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 class _Peek:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from mesp_jax import io
+from mesp_jax.base import io
 
 
 def _to_python(value: Any) -> Any:

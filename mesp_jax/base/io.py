@@ -10,6 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mesp_jax.base.image import to_uint8
+
 
 def is_writer() -> bool:
   """Only process 0 writes files shared by all processes."""
@@ -51,6 +53,18 @@ def _jsonable(x):
   raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+def json_safe(x):
+  """Replaces non-finite floats (e.g. the PSNR of an exact copy) by 'inf',
+  '-inf' or 'nan' strings, recursively, so the JSON stays standard."""
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+    return str(float(x))
+  return x
+
+
 def save_npz(path: str, **arrays) -> None:
   """Atomic ``np.savez`` from process 0."""
   if not is_writer():
@@ -59,12 +73,6 @@ def save_npz(path: str, **arrays) -> None:
   buf = _io.BytesIO()
   np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
   atomic_write_bytes(path, buf.getvalue())
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[..., H, W, C] in [-1, 1] -> uint8 in [0, 255]."""
-  x = (np.asarray(images, np.float32) + 1.0) * 127.5
-  return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None,

@@ -1,29 +1,32 @@
-"""Device mesh and sharding rules.
+"""Device mesh, sharding rules, placement and host gathering.
 
 The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data
 parallelism whose replicas also split the parameters). The batch is split over
 both; parameters are replicated or sharded over ``fsdp`` by a size rule, never
 by hand per array.
+
+Moving data: :func:`shard_batch` (process-local rows -> global batch),
+:func:`place` / :func:`replicate` (a host array every process holds in full
+-> a global array), :func:`to_host` (any global pytree -> numpy on every
+process), :func:`gather_local` (process-local numpy -> all rows), and
+:func:`batched_map` (a jitted function over fixed-size padded batches).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from jax import shard_map  # noqa: F401 (re-exported)
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 
-try:  # jax >= 0.7 exposes shard_map at the top level.
-  from jax import shard_map  # noqa: F401 (re-exported)
-  SHARD_MAP_CHECK_KW = "check_vma"  # shard_map(..., **{SHARD_MAP_CHECK_KW: False})
-except ImportError:  # pragma: no cover - older jax
-  from jax.experimental.shard_map import shard_map  # noqa: F401
-  SHARD_MAP_CHECK_KW = "check_rep"
+SHARD_MAP_CHECK_KW = "check_vma"  # shard_map(..., **{SHARD_MAP_CHECK_KW: False})
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -125,3 +128,66 @@ def gather_local(x: np.ndarray) -> np.ndarray:
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(np.asarray(x),
                                                       tiled=True))
+
+
+def mesh_from_config(config) -> Mesh:
+  """The mesh of ``config.mesh`` (``data``, ``fsdp``); all devices by default."""
+  mesh_cfg = config.get("mesh", None) or {}
+  return make_mesh(data=mesh_cfg.get("data", -1), fsdp=mesh_cfg.get("fsdp", 1))
+
+
+def place(x: Any, mesh: Mesh, spec: P | None = None) -> jax.Array:
+  """A host array that every process holds in full, as a global array.
+
+  Args:
+    x: the whole array (the same on every process).
+    mesh: the mesh.
+    spec: its partitioning; default: the leading axis over the data axes.
+  """
+  x = np.asarray(x)
+  sharding = NamedSharding(mesh, P(DATA_AXES) if spec is None else spec)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
+def replicate(x: Any, mesh: Mesh) -> jax.Array:
+  """A host array as a replicated global array (works across processes)."""
+  return place(x, mesh, P())
+
+
+def batched_map(fn: Callable[..., Any], inputs: np.ndarray, batch_size: int,
+                mesh: Mesh | None = None, *args) -> np.ndarray:
+  """``fn(*args, batch)`` over fixed-size batches of ``inputs``, on the host.
+
+  Every batch has the same shape (the last one is padded with zeros and the
+  padding dropped), so a jitted ``fn`` compiles once. With ``mesh`` each batch
+  is split over its data axes (``batch_size`` is rounded to a multiple of the
+  data-parallel size); every process passes the same full ``inputs`` and gets
+  all outputs back.
+
+  Args:
+    fn: ``(*args, batch [B, ...]) -> [B, ...]`` (a single array).
+    inputs: [N, ...] host array.
+    batch_size: rows per call.
+    mesh: optional mesh for the batch.
+    *args: leading arguments passed unchanged (e.g. parameters).
+
+  Returns:
+    [N, ...] numpy outputs.
+  """
+  inputs = np.asarray(inputs)
+  n = inputs.shape[0]
+  dp = 1 if mesh is None else data_parallel_size(mesh)
+  batch = max(dp, batch_size // dp * dp)
+  batch = min(batch, max(-(-n // dp) * dp, dp))  # no bigger than needed
+  out = []
+  for start in range(0, n, batch):
+    chunk = inputs[start:start + batch]
+    real = chunk.shape[0]
+    if real < batch:
+      chunk = np.concatenate(
+          [chunk, np.zeros((batch - real,) + chunk.shape[1:], chunk.dtype)])
+    placed = chunk if mesh is None else place(chunk, mesh)
+    out.append(to_host(fn(*args, placed))[:real])
+  if not out:
+    raise ValueError("batched_map needs at least one input row")
+  return np.concatenate(out)

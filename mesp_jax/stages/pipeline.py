@@ -1,5 +1,8 @@
 """Stage ``pipeline``: the whole method end to end in one workdir.
 
+Runs the stages ``blae``, ``blae_encode``, ``arvm`` and ``sample`` through
+:func:`mesp_jax.stages.run`, each in a sub-folder:
+
   workdir/blae     BL-AE training (recon grids, metrics)
   workdir/tokens   blae_encode of the train and test splits
   workdir/arvm     neural gamma-ARVM training (sample grids, metrics)
@@ -20,9 +23,9 @@ import time
 import ml_collections
 import numpy as np
 
-from mesp_jax import io
-from mesp_jax.train import arvm as arvm_stage
-from mesp_jax.train import blae as blae_stage
+from mesp_jax import stages
+from mesp_jax.base import config as config_lib
+from mesp_jax.base import io
 from mesp_jax.train.metrics import read_metrics
 
 
@@ -43,36 +46,45 @@ def _last(records: list[dict], split: str) -> dict:
   return rows[-1] if rows else {}
 
 
+def _with(config: ml_collections.ConfigDict, stage: str, **inputs
+          ) -> ml_collections.ConfigDict:
+  """A copy of a sub-config for ``stage`` with ``inputs.*`` set."""
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.stage = stage
+  sub.inputs.update(inputs)
+  return sub
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config_lib.validate(config, "pipeline")
+  workdir = os.path.abspath(workdir)
   t0 = time.time()
   timings = {}
   dirs = {k: os.path.join(workdir, k)
           for k in ("blae", "tokens", "arvm", "samples")}
 
   blae_cfg = config.blae
-  blae_stage.train_and_evaluate(blae_cfg, dirs["blae"])
+  stages.run(_with(blae_cfg, "blae"), dirs["blae"])
   timings["blae_s"] = time.time() - t0
 
   t = time.time()
   if not _tokens_current(dirs["tokens"], int(blae_cfg.train.num_steps)) or \
       config.get("reencode", False):
-    enc_cfg = ml_collections.ConfigDict(blae_cfg.to_dict())
-    enc_cfg.encode.blae_workdir = dirs["blae"]
+    enc_cfg = _with(blae_cfg, "blae_encode", blae_workdir=dirs["blae"])
     enc_cfg.encode.splits = ("train", "test")
-    blae_stage.encode_stage(enc_cfg, dirs["tokens"])
+    stages.run(enc_cfg, dirs["tokens"])
   timings["encode_s"] = time.time() - t
 
   t = time.time()
-  arvm_cfg = ml_collections.ConfigDict(config.arvm.to_dict())
-  arvm_cfg.tokens.dir = dirs["tokens"]
-  arvm_cfg.tokens.blae_workdir = dirs["blae"]
-  arvm_stage.train_and_evaluate(arvm_cfg, dirs["arvm"])
+  arvm_cfg = _with(config.arvm, "arvm", tokens_dir=dirs["tokens"],
+                   blae_workdir=dirs["blae"])
+  stages.run(arvm_cfg, dirs["arvm"])
   timings["arvm_s"] = time.time() - t
 
   t = time.time()
-  arvm_cfg.sample.arvm_workdir = dirs["arvm"]
-  arvm_cfg.sample.blae_workdir = dirs["blae"]
-  samples = arvm_stage.sample_stage(arvm_cfg, dirs["samples"])
+  sample_cfg = _with(arvm_cfg, "sample", arvm_workdir=dirs["arvm"])
+  sample_cfg.sampler.kind = "neural"
+  samples = stages.run(sample_cfg, dirs["samples"])
   timings["sample_s"] = time.time() - t
   timings["total_s"] = time.time() - t0
 
