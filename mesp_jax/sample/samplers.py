@@ -162,14 +162,14 @@ def describe(sampler: Sampler) -> dict[str, Any]:
 
 
 def draw(sampler: Sampler, rng: jax.Array, num_samples: int,
-         batch_size: int, progress: Callable[[int, int], None] | None = None
-         ) -> tuple[np.ndarray, np.ndarray]:
+         batch_size: int, progress: Callable[[int, int], None] | None = None,
+         labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """``num_samples`` token grids from any sampler, in batches.
 
   Batch ``b`` is drawn with ``fold_in(rng, b)`` at the full ``batch_size``
   (the surplus of the last batch is dropped), so the samples do not depend on
-  ``num_samples``; sample ``i`` of a conditional sampler gets label ``i %
-  num_classes``.
+  ``num_samples``; sample ``i`` of a conditional sampler gets label
+  ``labels[i]`` if given, else ``i % num_classes``.
 
   Returns:
     (tokens [N, H, W, Tp] int32, labels [N] int32; -1 = unconditional).
@@ -181,16 +181,28 @@ def draw(sampler: Sampler, rng: jax.Array, num_samples: int,
     raise ValueError(f"batch_size={batch_size} must be a positive multiple "
                      f"of the data-parallel size {multiple}")
   conditional = sampler.num_classes > 0
-  tokens, labels = [], []
+  if labels is not None:
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    if not conditional:
+      raise ValueError("labels given but the sampler is unconditional")
+    if labels.shape != (num_samples,) or labels.min() < 0 or (
+        labels.max() > sampler.num_classes):
+      raise ValueError(f"labels must be {num_samples} ints in 0.."
+                       f"{sampler.num_classes} ({sampler.num_classes} = the "
+                       f"null label)")
+  tokens, used = [], []
   for b, start in enumerate(range(0, num_samples, batch_size)):
-    lab = ((np.arange(start, start + batch_size) % sampler.num_classes)
-           .astype(np.int32) if conditional else None)
+    index = np.arange(start, start + batch_size)
+    lab = None
+    if conditional:
+      lab = (index % sampler.num_classes if labels is None else
+             labels[np.minimum(index, num_samples - 1)]).astype(np.int32)
     tokens.append(sampler.sample(jax.random.fold_in(rng, b), batch_size, lab))
-    labels.append(lab if conditional else np.full(batch_size, -1, np.int32))
+    used.append(lab if conditional else np.full(batch_size, -1, np.int32))
     if progress is not None:
       progress(min(start + batch_size, num_samples), num_samples)
   return (np.concatenate(tokens)[:num_samples],
-          np.concatenate(labels)[:num_samples])
+          np.concatenate(used)[:num_samples])
 
 
 def token_decoder(model: BLAE, params: Any, group: int, mesh: Mesh | None,
