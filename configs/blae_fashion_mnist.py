@@ -3,7 +3,7 @@
 Variants (``--config=configs/blae_fashion_mnist.py:VARIANT``):
   (none)  the full run: binary codes (bin rate >= 0.9);
   demo    what the README's main command trains;
-  smoke   seconds, for tests.
+  smoke   a few tiny steps, for tests.
 
 Latent: 8x8 positions x 16 bits (downsampling factor 4). Binarisation comes
 from the paper's mechanism alone: a bounded code z = tanh(enc(x)) seen by the

@@ -4,7 +4,7 @@ Variants (``--config=configs/feature_net_fashion_mnist.py:VARIANT``):
   (none)  the full run: 1200 steps of batch 128 (2.6 epochs), 90.7% test
           accuracy, then reference statistics of all 60k train and 10k test
           images (docs/evaluation.md);
-  smoke   seconds, for tests (tiny net, 256 reference images per split).
+  smoke   tests: a tiny net, a few steps, 256 reference images per split.
 
 The statistics land in the workdir as
 ``refstats_fashion_mnist_{split}_fd_fashion_mnist_classifier.npz``; stage

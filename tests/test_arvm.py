@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesp_jax.base.gamma import parse_gamma
-from mesp_jax.models import arvm
+from mesp_jax.models import arvm, arvm_loss
 
 
 def _cfg(**overrides) -> ml_collections.ConfigDict:
@@ -113,7 +113,7 @@ def test_locality_perturbation():
        seed=st.integers(0, 2**16))
 def test_kernel_target_matches_numpy(group, p, seed):
   tokens = np.random.default_rng(seed).integers(0, 2**group, (3,))
-  got = np.asarray(arvm.kernel_target(jnp.asarray(tokens), group, p))
+  got = np.asarray(arvm_loss.kernel_target(jnp.asarray(tokens), group, p))
   want = np.zeros((3, 2**group))
   for n, z in enumerate(tokens):
     for v in range(2**group):
@@ -126,7 +126,7 @@ def test_kernel_target_matches_numpy(group, p, seed):
 def test_p_flip_closed_form():
   for sigma in (0.1, 0.5, 1.0, 3.0):
     want = 0.5 * math.erfc(1.0 / (sigma * math.sqrt(2.0)))
-    np.testing.assert_allclose(float(arvm.p_flip(sigma)), want, rtol=1e-5,
+    np.testing.assert_allclose(float(arvm_loss.p_flip(sigma)), want, rtol=1e-5,
                                atol=1e-30)
 
 
@@ -134,7 +134,7 @@ def test_arvm_loss_metrics_match_numpy():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(2, 6, 8)).astype(np.float32)
   tokens = rng.integers(0, 8, (2, 6))
-  loss, m = arvm.arvm_loss(jnp.asarray(logits), jnp.asarray(tokens))
+  loss, m = arvm_loss.arvm_loss(jnp.asarray(logits), jnp.asarray(tokens))
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   nll = -np.mean(np.take_along_axis(logp, tokens[..., None], -1))
   np.testing.assert_allclose(float(loss), nll, rtol=1e-5)
@@ -147,12 +147,12 @@ def test_arvm_loss_metrics_match_numpy():
   np.testing.assert_allclose(float(m["accuracy"]), acc)
   # Kernel target: soft cross-entropy; p_flip = 0 is the one-hot loss.
   p = 0.2
-  soft, _ = arvm.arvm_loss(jnp.asarray(logits), jnp.asarray(tokens),
+  soft, _ = arvm_loss.arvm_loss(jnp.asarray(logits), jnp.asarray(tokens),
                            "kernel", group=3, p_flip=p)
-  target = np.asarray(arvm.kernel_target(jnp.asarray(tokens), 3, p))
+  target = np.asarray(arvm_loss.kernel_target(jnp.asarray(tokens), 3, p))
   np.testing.assert_allclose(float(soft), -np.mean((target * logp).sum(-1)),
                              rtol=1e-5)
-  zero, _ = arvm.arvm_loss(jnp.asarray(logits), jnp.asarray(tokens),
+  zero, _ = arvm_loss.arvm_loss(jnp.asarray(logits), jnp.asarray(tokens),
                            "kernel", group=3, p_flip=0.0)
   np.testing.assert_allclose(float(zero), nll, rtol=1e-5)
 
@@ -198,7 +198,7 @@ def test_loss_falls_with_adam():
   @jax.jit
   def step(params, opt_state):
     def loss_fn(p):
-      return arvm.arvm_loss(model.apply(p, tokens, labels), tokens, "kernel",
+      return arvm_loss.arvm_loss(model.apply(p, tokens, labels), tokens, "kernel",
                             group=2, p_flip=0.05)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)

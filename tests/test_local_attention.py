@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesp_jax.models import arvm
+from mesp_jax.models import arvm, arvm_loss
 from mesp_jax.models import local_attention as la
 
 ATOL = RTOL = 1e-5
@@ -149,7 +149,7 @@ def test_arvm_block_local_matches_dense(h, w, bits, group, gamma,
     for m in (local, dense):
       def loss(p, m=m):
         logits = m.apply(p, tokens, labels)
-        return arvm.arvm_loss(logits, tokens)[0], logits
+        return arvm_loss.arvm_loss(logits, tokens)[0], logits
       (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
       out.append((logits, grads))
     return out

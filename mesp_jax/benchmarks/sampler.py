@@ -34,6 +34,7 @@ import optax
 
 from mesp_jax.base import config as config_utils
 from mesp_jax.models import arvm as arvm_lib
+from mesp_jax.models import arvm_loss
 from mesp_jax.sample import decode
 
 VARIANTS = ("none", "full", "ring")
@@ -191,7 +192,7 @@ def bench_train(model: arvm_lib.ARVM, params: Any, batch: int,
 
   def loss_fn(p):
     logits = model.apply(p, tokens, labels)  # [B, T, V]
-    return arvm_lib.arvm_loss(logits, tokens, group=model.group)[0]
+    return arvm_loss.arvm_loss(logits, tokens, group=model.group)[0]
 
   @jax.jit
   def step(state):

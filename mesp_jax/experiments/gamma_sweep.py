@@ -1,9 +1,9 @@
 """The library of the gamma sweep: the local dependence test.
 
-The paper's claim (DESIGN.md, LCH/LDH): generation comes from local
-dependence; as the observation range gamma of the gamma-ARVM grows the model
-moves toward memorisation, and with global context on BL-AE latents it copies
-training images. The stage that runs the sweep is
+The paper's claim (docs/method.md, section 'LCH and the copy criterion'):
+generation comes from local dependence; as the observation range gamma of the
+gamma-ARVM grows the model moves toward memorisation, and with global context
+on BL-AE latents it copies training images. The stage that runs the sweep is
 :mod:`mesp_jax.stages.gamma_sweep`; this module holds its pieces:
 
 * :func:`parse_workdir_map`: the 'gamma=workdir' pairs of

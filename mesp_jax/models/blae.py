@@ -1,10 +1,10 @@
 """Binary latent autoencoder (BL-AE).
 
-Training forward (DESIGN.md, MESP): ``z = tanh(enc(x))``, the decoder sees
-``z + sigma * eps`` and the loss is ``mse(dec(z + sigma eps), x) + beta *
-mean(z^2)``. Because ``|z| <= 1`` the noise can only be beaten by pushing codes
-to +-1, so at inference ``bits = sign(z)`` loses little. No straight-through
-estimator is involved.
+Training forward (docs/method.md, section 'BL-AE'): ``z = tanh(enc(x))``,
+the decoder sees ``z + sigma * eps`` and the loss is ``mse(dec(z + sigma
+eps), x) + beta * mean(z^2)``. Because ``|z| <= 1`` the noise can only be
+beaten by pushing codes to +-1, so at inference ``bits = sign(z)`` loses
+little. No straight-through estimator is involved.
 
 Two encoder/decoder families:
 

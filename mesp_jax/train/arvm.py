@@ -18,6 +18,7 @@ import numpy as np
 from mesp_jax.data import Loader, eval_batches
 from mesp_jax.data.tokens import TokenSource
 from mesp_jax.models import arvm as arvm_lib
+from mesp_jax.models import arvm_loss
 from mesp_jax.train import loop
 
 ARCHITECTURE_FIELDS = ("group", "gamma", "num_layers", "d_model",
@@ -58,7 +59,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
   train_src, eval_src = token_sources(config)
   model = arvm_lib.build_arvm(config.arvm, train_src.grid, train_src.bits)
   cfg = config.arvm
-  p_flip = float(arvm_lib.p_flip(cfg.sigma_s))
+  p_flip = float(arvm_loss.p_flip(cfg.sigma_s))
   conditional = cfg.num_classes > 0
 
   def labels_of(batch, rng=None):
@@ -66,7 +67,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
       return None
     labels = batch["label"]
     if rng is not None and cfg.get("label_drop", 0.0) > 0:
-      labels = arvm_lib.drop_labels(rng, labels, cfg.num_classes,
+      labels = arvm_loss.drop_labels(rng, labels, cfg.num_classes,
                                     cfg.label_drop)
     return labels
 
@@ -76,7 +77,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
   def loss_fn(params, batch, rng, step):
     tokens = batch["tokens"]  # [B, h, w, Tp] int32
     logits = model.apply(params, tokens, labels_of(batch, rng))  # [B, T, V]
-    return arvm_lib.arvm_loss(logits, tokens, cfg.target, cfg.group, p_flip)
+    return arvm_loss.arvm_loss(logits, tokens, cfg.target, cfg.group, p_flip)
 
   def eval_fn(params, batch):
     tokens = batch["tokens"]
