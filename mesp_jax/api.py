@@ -53,6 +53,14 @@ class Generator:
   mesh: Mesh
   batch_size: int = 64
 
+  def __post_init__(self):
+    # Jitted once per generator, so repeated calls do not recompile.
+    group = self.sampler.group
+    self._decode = samplers.token_decoder(self.blae_model, self.blae_params,
+                                          group, self.mesh, self.batch_size)
+    self._encode = jax.jit(
+        lambda p, x: encode_tokens(self.blae_model, p, x, group))
+
   @property
   def num_classes(self) -> int:
     return self.sampler.num_classes
@@ -86,16 +94,11 @@ class Generator:
 
   def decode(self, tokens: np.ndarray) -> np.ndarray:
     """Tokens [N, h, w, Tp] (g bits each) -> images [N, H, W, C] in [-1, 1]."""
-    decode = samplers.token_decoder(self.blae_model, self.blae_params,
-                                    self.sampler.group, self.mesh,
-                                    self.batch_size)
-    return decode(np.asarray(tokens))
+    return self._decode(np.asarray(tokens))
 
   def encode(self, images: np.ndarray) -> np.ndarray:
     """Images [N, H, W, C] in [-1, 1] -> tokens [N, h, w, Tp] (sign bits)."""
-    group = self.sampler.group
-    fn = jax.jit(lambda p, x: encode_tokens(self.blae_model, p, x, group))
-    return sharding.batched_map(fn, np.asarray(images, np.float32),
+    return sharding.batched_map(self._encode, np.asarray(images, np.float32),
                                 self.batch_size, self.mesh, self.blae_params)
 
 
