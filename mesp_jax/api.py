@@ -68,7 +68,8 @@ class Generator:
   def sample_tokens(self, num: int, labels=None, seed: int = 0, **settings
                     ) -> np.ndarray:
     """[num, h, w, Tp] int32 tokens; ``settings`` override the sampler's
-    (``temperature``, ``top_k``, ``top_p``, ``cfg_scale``, ``cache``)."""
+    (``temperature``, ``top_k``, ``top_p``, ``cfg_scale``, ``cache``,
+    ``order``)."""
     sampler = (dataclasses.replace(self.sampler, **settings) if settings
                else self.sampler)
     multiple = sampler.batch_multiple
@@ -125,8 +126,9 @@ def load_generator(run_dir: str, *, kind: str = "auto", mesh: Mesh | None = None
     batch_size: samples per jitted call.
     blae_workdir: override the BL-AE the run names.
     **settings: sampler settings. Neural: temperature, top_k, top_p,
-      cfg_scale, cache. Kernel: sigma_s, gamma, order, chunk_size, group
-      (defaults as in the ``kernel`` config section), temperature.
+      cfg_scale, cache, order ('raster' or 'wavefront'). Kernel: sigma_s,
+      gamma, order, chunk_size, group (defaults as in the ``kernel`` config
+      section), temperature.
 
   Raises:
     FileNotFoundError: nothing trained in ``run_dir``, with what it looked

@@ -1,29 +1,29 @@
-"""Neural ARVM sampler benchmark: tokens/s, images/s and memory bandwidth.
+"""Neural ARVM sampler benchmark against this machine's own limits.
 
 ``python -m mesp_jax.bench sampler [--config configs/x.py:variant] [args]``
 
-Three decoders are timed after a warm-up (ahead-of-time compilation for the
+Four decoders are timed after a warm-up (ahead-of-time compilation for the
 cached decoders, a one-step run for ``none``), with ``block_until_ready``:
 
 * ``none``: no cache, every token step reruns the full forward pass; timed
-  over the last ``--steps_uncached`` token steps (a fixed slice, so the cost
-  per step is the full-sequence cost) and reported per token step, at batch
-  ``--batch_uncached``;
-* ``full``: KV cache over all ``T`` slots (one full sampling run);
-* ``ring``: ring-buffer cache of the last ``(gamma*W + gamma + 1) * Tp``
-  slots (the full cache when gamma is global).
+  over the last ``--steps_uncached`` token steps at batch ``--batch_uncached``;
+* ``full``: raster order, KV cache over all ``T`` slots;
+* ``ring``: raster order, a ring of the last ``(gamma*W + gamma + 1) * Tp``
+  slots (the full cache when gamma is global);
+* ``wavefront``: every position of a front per step
+  (:mod:`mesp_jax.sample.wavefront`), ``Tp * (W + (H-1)(gamma+1))`` steps.
 
-Achieved memory bandwidth is ``(param bytes + cache bytes read per step) /
-step time``; the cached decoders attend over every stored cache entry each
-step, so the bytes read are the whole cache. ``none`` counts parameter bytes
-only (its activations are recomputed, not read from a cache). The ring cache
-size is also reported at two image heights, and the ARVM train step
-(forward + backward + Adam) in tokens/s.
+Per decoder: tokens/s and images/s at ``--batch``, the latency of one image
+at batch 1, ms per step, FLOPs and bytes of one step (XLA's cost analysis)
+and their rates as a fraction of a matmul probe's FLOP/s and a copy probe's
+bytes/s measured in the same run (:mod:`mesp_jax.benchmarks.roofline`). The
+cache sizes at two image heights and the ARVM train step follow.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from typing import Any
 
@@ -33,17 +33,20 @@ import ml_collections
 import optax
 
 from mesp_jax.base import config as config_utils
+from mesp_jax.benchmarks import roofline
 from mesp_jax.models import arvm as arvm_lib
 from mesp_jax.models import arvm_loss
-from mesp_jax.sample import decode
+from mesp_jax.sample import decode, wavefront
 
-VARIANTS = ("none", "full", "ring")
+VARIANTS = ("none", "full", "ring", "wavefront")
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m mesp_jax.bench sampler",
-      description="Neural ARVM decoding speed: no cache vs full vs ring.")
+      description="Neural ARVM decoding speed: no cache, full and ring "
+      "caches (raster) and wavefront decoding, against this machine's "
+      "matmul and copy peaks.")
   p.add_argument("--config", default="",
                  help="config file[:variant] with a config.arvm section; its "
                  "latent grid comes from arvm.grid/arvm.bits or from "
@@ -70,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                  "default because one full pass over T tokens per token "
                  "step costs seconds on a CPU")
   p.add_argument("--variants", default=",".join(VARIANTS),
-                 help="comma-separated subset of none,full,ring")
+                 help="comma-separated subset of none,full,ring,wavefront")
+  p.add_argument("--latency", type=int, default=1,
+                 help="1: also time one image at batch 1 (cached decoders)")
   p.add_argument("--train_batch", type=int, default=8)
   p.add_argument("--train_steps", type=int, default=3,
                  help="timed train steps (0 skips the train benchmark)")
@@ -137,18 +142,54 @@ def _labels(model: arvm_lib.ARVM, batch: int) -> jax.Array | None:
   return jnp.arange(batch, dtype=jnp.int32) % model.num_classes
 
 
-def bench_decoders(model: arvm_lib.ARVM, params: Any,
-                   args: argparse.Namespace) -> list[dict[str, Any]]:
+def _one_step(model: arvm_lib.ARVM, params: Any, variant: str, rows: int,
+              labels: jax.Array | None):
+  """The compiled single decoding step of a decoder, for its cost analysis."""
+  t = model.seq_len
+  if variant == "none":
+    tokens = jnp.zeros((rows, t), jnp.int32)
+    return jax.jit(model.apply).lower(params, tokens, labels).compile()
+  if variant == "wavefront":
+    n = wavefront.plan(model)["query"].shape[1]
+    state = arvm_lib.init_cache(model, rows, wavefront.cache_entries(model))
+    lanes = jnp.zeros((n,), jnp.int32)
+    return jax.jit(functools.partial(
+        model.apply, method=arvm_lib.ARVM.decode_slots)).lower(
+            params, jnp.zeros((rows, n), jnp.int32), lanes, lanes, lanes,
+            state, labels).compile()
+  state = arvm_lib.init_cache(model, rows, decode.cache_entries(model,
+                                                                variant))
+  return jax.jit(functools.partial(
+      model.apply, method=arvm_lib.ARVM.decode)).lower(
+          params, jnp.zeros((rows,), jnp.int32), jnp.int32(1), state,
+          labels).compile()
+
+
+def _sampler_seconds(model: arvm_lib.ARVM, params: Any, batch: int,
+                     variant: str, cfg_scale: float, rng: jax.Array) -> float:
+  """Seconds of one whole sampling call (compiled ahead, then timed)."""
+  labels = decode.labels_or_null(model, _labels(model, batch), batch)
+  order = "wavefront" if variant == "wavefront" else "raster"
+  cache = "ring" if variant == "wavefront" else variant
+  sampler = decode.make_sampler(model, batch, cfg_scale=cfg_scale,
+                                cache=cache, order=order)
+  run = sampler.lower(params, rng, labels).compile()
+  return _time(run, params, rng, labels)
+
+
+def bench_decoders(model: arvm_lib.ARVM, params: Any, args: argparse.Namespace,
+                   peaks: dict[str, float]) -> list[dict[str, Any]]:
   """Times each requested decoder; one row of results per decoder."""
   t = model.seq_len
-  param_bytes = _tree_bytes(params)
   rng = jax.random.key(args.seed)
+  guided = 2 if args.cfg_scale > 0 else 1
   rows = []
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f"--variants: unknown decoder {v!r}")
   for variant in variants:
+    latency = None
     if variant == "none":
       batch = args.batch_uncached or args.batch
       steps = max(1, min(args.steps_uncached, t))
@@ -162,21 +203,33 @@ def bench_decoders(model: arvm_lib.ARVM, params: Any,
 
       _time(run, t - 1, 1)  # compile + one step
       step_s = _time(run, t - steps, steps) / steps
-      cache = 0
-      read = param_bytes
+      steps_per_image, cache = t, 0
     else:
       batch = args.batch
-      labels = decode.labels_or_null(model, _labels(model, batch), batch)
-      sampler = decode.make_sampler(model, batch, cfg_scale=args.cfg_scale,
-                                    cache=variant)
-      run = sampler.lower(params, rng, labels).compile()  # warm-up: compile
-      step_s = _time(run, params, rng, labels) / t
-      cache = decode.cache_bytes(model, batch, variant, args.cfg_scale)
-      read = param_bytes + cache
+      steps_per_image = (wavefront.num_steps(model) if variant == "wavefront"
+                         else t)
+      step_s = _sampler_seconds(model, params, batch, variant,
+                                args.cfg_scale, rng) / steps_per_image
+      if args.latency:
+        latency = _sampler_seconds(model, params, 1, variant,
+                                   args.cfg_scale, rng)
+      cache = (decode.cache_bytes(model, batch, variant, args.cfg_scale)
+               if variant != "wavefront" else
+               wavefront.cache_bytes(model, batch, args.cfg_scale))
+    step_labels = decode.labels_or_null(
+        model, _labels(model, batch * guided), batch * guided)
+    cost = roofline.step_cost(_one_step(model, params, variant,
+                                        batch * guided, step_labels))
     rows.append(dict(
-        decoder=variant, batch=batch, tokens_per_s=batch / step_s,
-        images_per_s=batch / (step_s * t), ms_per_step=1e3 * step_s,
-        cache_bytes=cache, gb_per_s=read / step_s / 1e9))
+        decoder=variant, batch=batch, steps=steps_per_image,
+        tokens_per_s=batch * t / (step_s * steps_per_image),
+        images_per_s=batch / (step_s * steps_per_image),
+        ms_per_step=1e3 * step_s, latency_ms=(None if latency is None
+                                              else 1e3 * latency),
+        gflop_per_step=cost["flops"] / 1e9, mb_per_step=cost["bytes"] / 1e6,
+        flops_fraction=cost["flops"] / step_s / peaks["flops"],
+        bytes_fraction=cost["bytes"] / step_s / peaks["bytes"],
+        cache_bytes=cache))
   return rows
 
 
@@ -227,19 +280,26 @@ def main(argv: list[str]) -> None:
         f"{model.num_heads} heads, dtype={jnp.dtype(model.dtype).name}; "
         f"params {_human(param_bytes)}; cfg_scale={args.cfg_scale}")
 
-  rows = bench_decoders(model, params, args)
-  header = (f"{'decoder':<8}{'batch':>6}{'tokens/s':>12}{'images/s':>10}"
-            f"{'ms/step':>10}{'cache':>12}{'GB/s':>8}")
+  peaks = roofline.measure_peaks()
+  print(f"peaks measured now: {roofline.describe_peaks(peaks)}")
+  rows = bench_decoders(model, params, args, peaks)
   print()
-  print(header)
-  print("-" * len(header))
+  print("| decoder | batch | steps/image | tokens/s | images/s | ms/step | "
+        "latency 1 image (ms) | GFLOP/step | MB/step | % matmul peak | "
+        "% copy peak | cache |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"{r['decoder']:<8}{r['batch']:>6}{r['tokens_per_s']:>12.1f}"
-          f"{r['images_per_s']:>10.3f}{r['ms_per_step']:>10.2f}"
-          f"{_human(r['cache_bytes']):>12}{r['gb_per_s']:>8.2f}")
+    latency = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.0f}"
+    print(f"| {r['decoder']} | {r['batch']} | {r['steps']} | "
+          f"{r['tokens_per_s']:.0f} | {r['images_per_s']:.3f} | "
+          f"{r['ms_per_step']:.2f} | {latency} | {r['gflop_per_step']:.3f} | "
+          f"{r['mb_per_step']:.1f} | {100 * r['flops_fraction']:.1f} | "
+          f"{100 * r['bytes_fraction']:.1f} | {_human(r['cache_bytes'])} |")
   if any(r["decoder"] == "none" for r in rows):
-    print(f"('none': last {min(args.steps_uncached, t)} steps, full forward "
-          f"pass per token; GB/s counts parameter bytes only)")
+    print(f"('none': last {min(args.steps_uncached, t)} steps, a full forward "
+          f"pass per token step.)")
+  print("(FLOPs and bytes per step: XLA's cost analysis of one compiled "
+        "step; the % columns divide their rate by the probes above.)")
 
   print()
   print(f"cache bytes at batch {args.batch} vs image height:")
@@ -247,10 +307,13 @@ def main(argv: list[str]) -> None:
     other = model.clone(height=height)
     ring = decode.cache_bytes(other, args.batch, "ring", args.cfg_scale)
     full = decode.cache_bytes(other, args.batch, "full", args.cfg_scale)
+    front = wavefront.cache_bytes(other, args.batch, args.cfg_scale)
     print(f"  height {height:>4}: ring {_human(ring):>10} "
           f"({decode.cache_entries(other, 'ring') + 1} entries)   "
           f"full {_human(full):>10} "
-          f"({decode.cache_entries(other, 'full') + 1} entries)")
+          f"({decode.cache_entries(other, 'full') + 1} entries)   "
+          f"wavefront {_human(front):>10} "
+          f"({wavefront.cache_entries(other) + 1} entries)")
 
   if args.train_steps > 0:
     tps = bench_train(model, params, args.train_batch, args.train_steps,

@@ -40,195 +40,46 @@ slot ``i`` see, and nothing else (tested by perturbation), and each slot's
 keys/values depend on that slot alone, which makes the KV cache (and the ring
 buffer of the last ``(gamma * W + gamma + 1) * Tp`` slots) exact.
 
-The same module runs one slot at a time against an explicit key/value cache
-(:meth:`ARVM.decode`); :mod:`mesp_jax.sample.decode` drives it.
+The same module runs a few slots at a time against an explicit key/value
+cache (:meth:`ARVM.decode_slots`; one slot: :meth:`ARVM.decode`);
+:mod:`mesp_jax.sample.decode` (raster) and :mod:`mesp_jax.sample.wavefront`
+drive it. The mask, the window and the wavefront order live in
+:mod:`mesp_jax.models.arvm_geometry`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mesp_jax.base import bits as bits_lib
+from mesp_jax.base import config as config_lib
 from mesp_jax.base.gamma import parse_gamma
 from mesp_jax.models import local_attention
+from mesp_jax.models.arvm_blocks import Block
+from mesp_jax.models.arvm_geometry import (  # noqa: F401 (re-exported)
+    gamma_mask,
+    slot_visible,
+    window_slots,
+)
 
 EMBED_CHOICES = ("linear", "linear+table")
+# The config.arvm fields build_arvm reads.
+BUILD_FIELDS = ("group", "gamma", "num_layers", "d_model", "num_heads",
+                "mlp_ratio", "num_classes", "embed", "dtype")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
 
 # ----------------------------------------------------------------------------
-# Mask.
-# ----------------------------------------------------------------------------
-
-
-def slot_visible(query: Any, key: Any, width: int, tokens_per_pos: int,
-                 gamma: int | None, xp: Any = np) -> Any:
-  """Whether the query at slot ``query`` may attend to input slot ``key``.
-
-  Works elementwise (with broadcasting) on numpy (``xp=np``) or jax
-  (``xp=jnp``) integer arrays. ``key == 0`` is the start slot; ``key >= 1``
-  holds token ``key - 1``; ``key < 0`` marks an empty cache entry (never
-  visible).
-
-  Args:
-    query: slot index ``i`` of the query, which predicts token ``i``.
-    key: input slot index.
-    width: grid width ``W``.
-    tokens_per_pos: ``Tp``.
-    gamma: observation range, or None for the plain causal mask.
-    xp: ``numpy`` or ``jax.numpy``.
-
-  Returns:
-    Boolean array of the broadcast shape.
-  """
-  causal = (key >= 1) & (key <= query)
-  if gamma is not None:
-    qpos = query // tokens_per_pos
-    kpos = (key - 1) // tokens_per_pos
-    drow = xp.abs(qpos // width - kpos // width)
-    dcol = xp.abs(qpos % width - kpos % width)
-    causal = causal & (xp.maximum(drow, dcol) <= gamma)
-  return (key == 0) | causal
-
-
-def gamma_mask(height: int, width: int, tokens_per_pos: int,
-               gamma: int | str | None) -> np.ndarray:
-  """The ``[T, T]`` boolean attention mask, ``T = height * width * Tp``.
-
-  ``mask[i, s]`` is True iff the query at slot ``i`` (which predicts token
-  ``i`` at grid position ``p(i) = divmod(i // Tp, width)``) may attend to input
-  slot ``s``: ``s == 0`` (start slot) always; ``s >= 1`` (holding token
-  ``j = s - 1``) iff ``j < i`` and ``max(|row(j) - row(i)|, |col(j) - col(i)|)
-  <= gamma``. With ``gamma`` None / ``"global"`` this is the causal mask
-  (``s <= i``). Every row has at least slot 0 visible.
-  """
-  gamma = parse_gamma(gamma)
-  t = height * width * tokens_per_pos
-  idx = np.arange(t)
-  return slot_visible(idx[:, None], idx[None, :], width, tokens_per_pos,
-                      gamma, xp=np)
-
-
-def window_slots(width: int, tokens_per_pos: int, gamma: int | None,
-                 seq_len: int) -> int:
-  """Number of token slots a cache must keep for exact decoding.
-
-  For finite ``gamma`` the query at slot ``i`` only sees slots in
-  ``(i - (gamma*W + gamma + 1) * Tp, i]``, so a ring of
-  ``(gamma * W + gamma + 1) * Tp`` token slots suffices; never more than the
-  ``T - 1`` token slots that exist. Global gamma needs all ``T - 1``.
-  """
-  full = max(seq_len - 1, 1)
-  if gamma is None:
-    return full
-  return min((gamma * width + gamma + 1) * tokens_per_pos, full)
-
-
-# ----------------------------------------------------------------------------
 # Model.
 # ----------------------------------------------------------------------------
-
-
-class Attention(nn.Module):
-  """Multi-head attention of a query stream over context slots.
-
-  Keys and values are projections of the (layer-normalised) context
-  embeddings only; with ``kv`` they are first written into the cache at
-  ``write_index`` and the query attends to the whole cache under ``mask``.
-  """
-
-  num_heads: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, ctx: jax.Array, mask: jax.Array,
-               kv: dict[str, jax.Array] | None = None,
-               write_index: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """Attends the queries ``x`` to the context ``ctx`` (or to the cache).
-
-    Args:
-      x: [B, S, D] normalised query-stream inputs.
-      ctx: [B, S, D] normalised context embeddings of the same slots.
-      mask: [S, L] boolean, True = may attend (L = S without a cache, else the
-        cache length); or a :class:`local_attention.LocalWindow` (no cache,
-        S = T): block-local attention under the gamma mask.
-      kv: optional cache ``{'k', 'v'}`` each [B, heads, L, head_dim]; the keys
-        and values of ``ctx`` are written at entry ``write_index``.
-      write_index: scalar int, cache entry of the first slot of ``ctx``.
-
-    Returns:
-      ([B, S, D] output, updated cache or None).
-    """
-    d = x.shape[-1]
-    head_dim = d // self.num_heads
-    dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
-                              param_dtype=jnp.float32)
-    q = dense((self.num_heads, head_dim), name="query")(x)  # [B, S, h, hd]
-    kv_new = dense((2, self.num_heads, head_dim), name="key_value")(ctx)
-    # Keys/values head-major, [B, h, S, hd]: the cache layout, so decoding
-    # reads it without a transpose.
-    k = jnp.swapaxes(kv_new[:, :, 0], 1, 2)
-    v = jnp.swapaxes(kv_new[:, :, 1], 1, 2)
-    new_cache = None
-    if kv is not None:
-      start = (0, 0, write_index, 0)
-      k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
-      v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
-      new_cache = {"k": k, "v": v}  # [B, h, L, hd]
-    if isinstance(mask, local_attention.LocalWindow):
-      if kv is not None:
-        raise ValueError("block-local attention has no cache path")
-      out = local_attention.block_local_attention(
-          q, k.astype(self.dtype), v.astype(self.dtype), height=mask.height,
-          width=mask.width, tokens_per_pos=mask.tokens_per_pos,
-          gamma=mask.gamma)  # [B, S, h, hd]
-      return dense(d, axis=(-2, -1), name="out")(out), None  # [B, S, D]
-    logits = jnp.einsum("bshd,bhld->bhsl", q, k.astype(self.dtype))
-    logits = logits.astype(jnp.float32) / math.sqrt(head_dim)  # [B, h, S, L]
-    logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhsl,bhld->bshd", weights, v.astype(self.dtype))
-    out = dense(d, axis=(-2, -1), name="out")(out)
-    return out, new_cache  # [B, S, D]
-
-
-class Block(nn.Module):
-  """Pre-LN block: ``x + attn(LN(x), LN(ctx)); x + mlp(LN(x))``."""
-
-  num_heads: int
-  mlp_ratio: float
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, ctx: jax.Array, mask: jax.Array,
-               kv: dict[str, jax.Array] | None = None,
-               write_index: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    d = x.shape[-1]
-    norm = functools.partial(nn.LayerNorm, dtype=self.dtype,
-                             param_dtype=jnp.float32)
-    h, kv = Attention(self.num_heads, dtype=self.dtype, name="attn")(
-        norm(name="ln_query")(x), norm(name="ln_context")(ctx), mask, kv,
-        write_index)
-    x = x + h
-    h = norm(name="ln_mlp")(x)
-    h = nn.Dense(int(self.mlp_ratio * d), dtype=self.dtype,
-                 param_dtype=jnp.float32, name="mlp_in")(h)
-    h = nn.gelu(h)
-    h = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32,
-                 name="mlp_out")(h)
-    return x + h, kv  # [B, S, D]
 
 
 class ARVM(nn.Module):
@@ -415,49 +266,75 @@ class ARVM(nn.Module):
 
   # -- one-slot incremental step ----------------------------------------------
 
+  def decode_slots(self, ctx_tokens: jax.Array, ctx_slots: jax.Array,
+                   entries: jax.Array, query_slots: jax.Array,
+                   cache: dict[str, Any], labels: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, Any]]:
+    """Writes a few input slots into the cache, then predicts a few tokens.
+
+    The cache (see :func:`init_cache`) has ``L`` entries; ``cache['slots'][e]``
+    records which input slot entry ``e`` holds (-1 = empty). The attention
+    mask is rebuilt from those stored slots with :func:`slot_visible`, so a
+    query equals the full forward pass whenever every slot of its window is
+    still in the cache.
+
+    Args:
+      ctx_tokens: [B, n] int32 token ``s - 1`` of each written slot ``s``
+        (ignored for the start slot and for unused lanes).
+      ctx_slots: [n] int32 input slots to write: 0 = the start slot, ``s >= 1``
+        holds token ``s - 1``, -1 = nothing (the entry is tagged empty).
+      entries: [n] int32 cache entry of each written slot.
+      query_slots: [m] int32 tokens to predict (-1 = unused lane; its logits
+        are meaningless).
+      cache: ``{'slots': [L] int32, 'layers': tuple of {'k','v'} [B, h, L,
+        hd]}``.
+      labels: [B] labels of the start slot / query stream.
+
+    Returns:
+      ([B, m, 2**g] float32 logits, updated cache).
+    """
+    batch = ctx_tokens.shape[0]
+    start = self._start_vector(labels, batch)  # [B, D]
+    tok = self._token_context(ctx_tokens.astype(jnp.int32),
+                              jnp.maximum(ctx_slots - 1, 0)[None])  # [B, n, D]
+    first = (start + self.start_pos).astype(self.dtype)[:, None]  # [B, 1, D]
+    ctx = jnp.where((ctx_slots == 0)[None, :, None], first, tok)  # [B, n, D]
+    x = self._query_init(start, jnp.maximum(query_slots, 0))  # [B, m, D]
+    slots = cache["slots"].at[entries].set(ctx_slots)  # [L]
+    mask = slot_visible(query_slots[:, None], slots[None, :], self.width,
+                        self.tokens_per_pos, self.gamma, xp=jnp)  # [m, L]
+    new_layers = []
+    for block, kv in zip(self.blocks, cache["layers"], strict=True):
+      x, kv = block(x, ctx, mask, kv, entries)
+      new_layers.append(kv)
+    return self._logits(x), {"slots": slots, "layers": tuple(new_layers)}
+
   def decode(self, prev_tokens: jax.Array, slot: jax.Array,
              cache: dict[str, Any],
              labels: jax.Array | None = None
              ) -> tuple[jax.Array, dict[str, Any]]:
     """Runs input slot ``slot`` against the cache; returns logits of token slot.
 
-    The cache (see :func:`init_cache`) has ``L = 1 + R`` entries: entry 0 holds
-    the start slot, entry ``1 + (s - 1) % R`` holds slot ``s >= 1`` (a ring
-    when ``R < T - 1``), and ``cache['slots'][e]`` records which slot entry
-    ``e`` holds (-1 = empty). The mask is recomputed from those stored slots
-    with :func:`slot_visible`, so it equals :func:`gamma_mask` row ``slot``
-    whenever R covers the window (:func:`window_slots`).
+    Raster decoding, one slot per call: the cache has ``L = 1 + R`` entries;
+    entry 0 holds the start slot and entry ``1 + (s - 1) % R`` holds slot
+    ``s >= 1`` (a ring when ``R < T - 1``; exact when R covers the window,
+    :func:`window_slots`).
 
     Args:
       prev_tokens: [B] int32 token ``slot - 1`` (ignored when ``slot == 0``).
       slot: scalar int32 input slot in [0, T).
-      cache: ``{'slots': [L] int32, 'layers': tuple of {'k','v'} [B, h, L,
-        hd]}``.
+      cache: as for :meth:`decode_slots`.
       labels: [B] labels of the start slot / query stream.
 
     Returns:
       ([B, 2**g] float32 logits for token ``slot``, updated cache).
     """
-    batch = prev_tokens.shape[0]
-    slot = jnp.asarray(slot, jnp.int32)
+    slot = jnp.asarray(slot, jnp.int32)[None]  # [1]
     ring = cache["slots"].shape[0] - 1
-    start = self._start_vector(labels, batch)  # [B, D]
-    # Index arrays keep a leading axis: nn.Embed(1, D) rejects scalars.
-    tok = self._token_context(prev_tokens.astype(jnp.int32),
-                              jnp.maximum(slot - 1, 0)[None])  # [B, D]
-    ctx = jnp.where(slot == 0, (start + self.start_pos).astype(self.dtype),
-                    tok)[:, None]  # [B, 1, D]
-    x = self._query_init(start, slot[None])  # [B, 1, D]
-    write = jnp.where(slot == 0, 0, 1 + (slot - 1) % ring)
-    slots = cache["slots"].at[write].set(slot)  # [L]
-    mask = slot_visible(slot, slots, self.width, self.tokens_per_pos,
-                        self.gamma, xp=jnp)[None]  # [1, L]
-    new_layers = []
-    for block, kv in zip(self.blocks, cache["layers"], strict=True):
-      x, kv = block(x, ctx, mask, kv, write)
-      new_layers.append(kv)
-    logits = self._logits(x)[:, 0]  # [B, V]
-    return logits, {"slots": slots, "layers": tuple(new_layers)}
+    write = jnp.where(slot == 0, 0, 1 + (slot - 1) % ring)  # [1]
+    logits, cache = self.decode_slots(prev_tokens[:, None], slot, write, slot,
+                                      cache, labels)
+    return logits[:, 0], cache  # [B, V]
 
 
 def init_cache(model: ARVM, batch: int, entries: int) -> dict[str, Any]:
@@ -484,56 +361,32 @@ def init_cache(model: ARVM, batch: int, entries: int) -> dict[str, Any]:
 
 def build_arvm(cfg: ml_collections.ConfigDict, grid: tuple[int, int],
                bits: int) -> ARVM:
-  """Builds an :class:`ARVM` from ``config.arvm``.
+  """Builds an :class:`ARVM` from ``config.arvm`` (a run's or a saved one).
 
   Args:
     cfg: ConfigDict with ``group, gamma, num_layers, d_model, num_heads,
-      mlp_ratio, num_classes, embed, dtype``.
+      mlp_ratio, num_classes, embed, dtype`` and optionally ``attention``
+      (configs saved before it existed: dense).
     grid: latent grid (H, W).
     bits: bits per latent position C.
 
   Raises:
-    ValueError naming the offending field.
+    ValueError (:class:`ConfigError`) naming the offending field.
   """
-  for field in ("group", "gamma", "num_layers", "d_model", "num_heads",
-                "mlp_ratio", "num_classes", "embed", "dtype"):
-    if field not in cfg:
-      raise ValueError(f"arvm.{field} is missing from the config")
+  config_lib.check_fields(cfg, "arvm", BUILD_FIELDS)
   height, width = (int(v) for v in grid)
   if height < 1 or width < 1:
     raise ValueError(f"latent grid {grid} must be positive")
-  if bits < 1:
-    raise ValueError(f"bits per position ({bits}) must be >= 1")
-  group = cfg.group
-  if not isinstance(group, int) or not 1 <= group <= 16:
-    raise ValueError(f"arvm.group={group!r} must be an int in 1..16")
-  if bits % group:
-    raise ValueError(
-        f"arvm.group={group} must divide the bits per position ({bits})")
-  try:
-    gamma = parse_gamma(cfg.gamma)
-  except ValueError as e:
-    raise ValueError(f"arvm.gamma: {e}") from None
-  for field in ("num_layers", "d_model", "num_heads"):
-    value = cfg[field]
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"arvm.{field}={value!r} must be a positive int")
+  if bits < 1 or bits % cfg.group:
+    raise ValueError(f"arvm.group={cfg.group} must divide the bits per "
+                     f"position ({bits})")
   if cfg.d_model % cfg.num_heads:
-    raise ValueError(
-        f"arvm.d_model={cfg.d_model} must be divisible by arvm.num_heads="
-        f"{cfg.num_heads}")
-  if not cfg.mlp_ratio > 0:
-    raise ValueError(f"arvm.mlp_ratio={cfg.mlp_ratio!r} must be > 0")
-  if not isinstance(cfg.num_classes, int) or cfg.num_classes < 0:
-    raise ValueError(
-        f"arvm.num_classes={cfg.num_classes!r} must be an int >= 0")
-  if cfg.embed not in EMBED_CHOICES:
-    raise ValueError(
-        f"arvm.embed={cfg.embed!r} must be one of {list(EMBED_CHOICES)}")
-  if cfg.dtype not in DTYPES:
-    raise ValueError(f"arvm.dtype={cfg.dtype!r} must be one of {list(DTYPES)}")
-  return ARVM(height=height, width=width, bits=int(bits), group=group,
-              gamma=gamma, num_layers=cfg.num_layers, d_model=cfg.d_model,
-              num_heads=cfg.num_heads, mlp_ratio=float(cfg.mlp_ratio),
-              num_classes=cfg.num_classes, embed=cfg.embed,
-              dtype=DTYPES[cfg.dtype])
+    raise ValueError(f"arvm.d_model={cfg.d_model} must be divisible by "
+                     f"arvm.num_heads={cfg.num_heads}")
+  attention = cfg.get("attention", "dense")
+  config_lib.check_fields({"attention": attention}, "arvm", ("attention",))
+  return ARVM(height=height, width=width, bits=int(bits), group=cfg.group,
+              gamma=parse_gamma(cfg.gamma), num_layers=cfg.num_layers,
+              d_model=cfg.d_model, num_heads=cfg.num_heads,
+              mlp_ratio=float(cfg.mlp_ratio), num_classes=cfg.num_classes,
+              embed=cfg.embed, dtype=DTYPES[cfg.dtype], attention=attention)

@@ -35,78 +35,20 @@ from jax.sharding import Mesh
 
 from mesp_jax.base import sharding as sharding_lib
 from mesp_jax.models import arvm as arvm_lib
+from mesp_jax.sample import wavefront
+from mesp_jax.sample.logits import (
+  constrain,
+  guidance_labels,
+  guidance_rows,
+  guide,
+  labels_or_null,
+  process_logits,  # noqa: F401 (re-exported)
+  sample_keys,
+)
+from mesp_jax.sample.logits import draw as draw_token
 
 CACHE_KINDS = ("ring", "full", "none")
-
-
-# ----------------------------------------------------------------------------
-# Logit processing and per-sample randomness.
-# ----------------------------------------------------------------------------
-
-
-def process_logits(logits: jax.Array, *, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Temperature, then top-k, then top-p (nucleus) filtering.
-
-  Args:
-    logits: [B, V] float logits.
-    temperature: > 0 divides the logits (``<= 0`` is handled by the caller as
-      greedy decoding).
-    top_k: keep the ``top_k`` largest logits (0 = all).
-    top_p: keep the smallest set of values whose probability reaches
-      ``top_p`` (1.0 = all; the most likely value is always kept).
-
-  Returns:
-    [B, V] float32 logits with removed values at -inf.
-  """
-  logits = logits.astype(jnp.float32)
-  if temperature > 0:
-    logits = logits / temperature
-  vocab = logits.shape[-1]
-  if 0 < top_k < vocab:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above
-    keep = before < top_p
-    keep = keep.at[:, 0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1,
-                        keepdims=True)  # [B, 1]
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
-
-
-def sample_keys(rng: jax.Array, num_samples: int) -> jax.Array:
-  """Per-sample keys ``fold_in(rng, b)`` for ``b = 0..num_samples-1``."""
-  return jax.vmap(lambda b: jax.random.fold_in(rng, b))(
-      jnp.arange(num_samples, dtype=jnp.uint32))
-
-
-def _draw(keys: jax.Array, step: jax.Array, logits: jax.Array,
-          temperature: float, top_k: int, top_p: float) -> jax.Array:
-  """One token per sample with key ``fold_in(keys[b], step)``: [B] int32."""
-  if temperature <= 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = process_logits(logits, temperature=temperature, top_k=top_k,
-                          top_p=top_p)
-  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-  return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
-
-
-def _guide(logits: jax.Array, cfg_scale: float) -> jax.Array:
-  """[2B, V] interleaved (cond, uncond) rows -> [B, V] guided logits."""
-  if cfg_scale <= 0:
-    return logits
-  pair = logits.reshape(-1, 2, logits.shape[-1])  # [B, 2, V]
-  cond, uncond = pair[:, 0], pair[:, 1]
-  return uncond + cfg_scale * (cond - uncond)
-
-
-def _rows(x: jax.Array, cfg_scale: float) -> jax.Array:
-  """Duplicates each sample into (cond, uncond) rows when guiding: [2B, ...]."""
-  return jnp.repeat(x, 2, axis=0) if cfg_scale > 0 else x
+ORDERS = ("raster", "wavefront")
 
 
 # ----------------------------------------------------------------------------
@@ -116,9 +58,14 @@ def _rows(x: jax.Array, cfg_scale: float) -> jax.Array:
 
 def _check_args(model: arvm_lib.ARVM, num_samples: int, labels: Any,
                 cache: str, cfg_scale: float, top_k: int, top_p: float,
-                mesh: Mesh | None) -> None:
+                mesh: Mesh | None, order: str = "raster") -> None:
   if cache not in CACHE_KINDS:
     raise ValueError(f"cache={cache!r} must be one of {list(CACHE_KINDS)}")
+  if order not in ORDERS:
+    raise ValueError(f"order={order!r} must be one of {list(ORDERS)}")
+  if order == "wavefront" and cache == "none":
+    raise ValueError("order='wavefront' decodes with its own row cache; "
+                     "cache='none' (full recomputation) is raster only")
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1")
   if top_k < 0:
@@ -143,25 +90,6 @@ def _check_args(model: arvm_lib.ARVM, num_samples: int, labels: Any,
       raise ValueError(
           f"num_samples={num_samples} must be divisible by the mesh's "
           f"data-parallel size {dp} (mesh axes {dict(mesh.shape)})")
-
-
-def labels_or_null(model: arvm_lib.ARVM, labels: Any,
-                    num_samples: int) -> jax.Array | None:
-  """[B] int32 labels for a conditional model (None -> null label), else None."""
-  if model.num_classes == 0:
-    return None
-  if labels is None:
-    return jnp.full((num_samples,), model.null_label, jnp.int32)
-  return jnp.asarray(labels, jnp.int32)
-
-
-def _constrain(x: Any, mesh: Mesh | None) -> Any:
-  """Batch-shards every array of ``x`` on its leading axis (no-op off mesh)."""
-  if mesh is None:
-    return x
-  sharding = sharding_lib.batch_sharding(mesh)
-  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding),
-                      x)
 
 
 # ----------------------------------------------------------------------------
@@ -250,41 +178,34 @@ def _cached_sampler(model: arvm_lib.ARVM, params: Any, rng: jax.Array,
                     mesh: Mesh | None) -> jax.Array:
   """Prefill + fori_loop over slots 1..T-1 with the KV cache: [B, T]."""
   t = model.seq_len
-  keys = _constrain(sample_keys(rng, num_samples), mesh)  # [B]
-  row_labels = None
-  if labels is not None:
-    row_labels = labels
-    if cfg_scale > 0:
-      row_labels = jnp.stack(
-          [labels, jnp.full_like(labels, model.null_label)], axis=1
-      ).reshape(-1)  # [2B] interleaved (cond, uncond)
-    row_labels = _constrain(row_labels, mesh)
+  keys = constrain(sample_keys(rng, num_samples), mesh)  # [B]
+  row_labels = constrain(guidance_labels(model, labels, cfg_scale), mesh)
   rows = num_samples * (2 if cfg_scale > 0 else 1)
   state = arvm_lib.init_cache(model, rows, cache_entries(model, cache))
-  state = {"slots": state["slots"], "layers": _constrain(state["layers"], mesh)}
-  draw = functools.partial(_draw, temperature=temperature, top_k=top_k,
+  state = {"slots": state["slots"], "layers": constrain(state["layers"], mesh)}
+  draw = functools.partial(draw_token, temperature=temperature, top_k=top_k,
                            top_p=top_p)
 
   def run(prev, slot, state):
     logits, state = model.apply(params, prev, slot, state, row_labels,
                                 method=arvm_lib.ARVM.decode)
     state = {"slots": state["slots"],
-             "layers": _constrain(state["layers"], mesh)}
-    return _guide(logits, cfg_scale), state  # [B, V]
+             "layers": constrain(state["layers"], mesh)}
+    return guide(logits, cfg_scale), state  # [B, V]
 
   # Prefill: the start slot gives the distribution of token 0.
   logits, state = run(jnp.zeros((rows,), jnp.int32), jnp.int32(0), state)
   tokens = jnp.zeros((num_samples, t), jnp.int32)
   tokens = tokens.at[:, 0].set(draw(keys, 0, logits))
-  tokens = _constrain(tokens, mesh)  # [B, T]
+  tokens = constrain(tokens, mesh)  # [B, T]
 
   def body(slot, carry):
     tokens, state = carry
     prev = jax.lax.dynamic_index_in_dim(tokens, slot - 1, 1, keepdims=False)
-    logits, state = run(_rows(prev, cfg_scale), slot, state)
+    logits, state = run(guidance_rows(prev, cfg_scale), slot, state)
     new = draw(keys, slot, logits)  # [B]
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, slot, 1)
-    return _constrain(tokens, mesh), state
+    return constrain(tokens, mesh), state
 
   tokens, _ = jax.lax.fori_loop(1, t, body, (tokens, state))
   return tokens
@@ -296,30 +217,27 @@ def _recompute_loop(model: arvm_lib.ARVM, params: Any, keys: jax.Array,
                     temperature: float, top_k: int, top_p: float,
                     cfg_scale: float, mesh: Mesh | None) -> jax.Array:
   """Tokens ``first .. first+num_steps-1`` by full forward passes: [B, T]."""
-  row_labels = labels
-  if labels is not None and cfg_scale > 0:
-    row_labels = jnp.stack(
-        [labels, jnp.full_like(labels, model.null_label)], axis=1).reshape(-1)
-  draw = functools.partial(_draw, temperature=temperature, top_k=top_k,
+  row_labels = guidance_labels(model, labels, cfg_scale)
+  draw = functools.partial(draw_token, temperature=temperature, top_k=top_k,
                            top_p=top_p)
 
   def body(i, tokens):
-    rows = _constrain(_rows(tokens, cfg_scale), mesh)  # [B or 2B, T]
+    rows = constrain(guidance_rows(tokens, cfg_scale), mesh)  # [B or 2B, T]
     logits = model.apply(params, rows, row_labels)  # [rows, T, V]
     logits = jax.lax.dynamic_index_in_dim(logits, i, 1, keepdims=False)
-    new = draw(keys, i, _guide(logits, cfg_scale))  # [B]
+    new = draw(keys, i, guide(logits, cfg_scale))  # [B]
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, i, 1)
-    return _constrain(tokens, mesh)
+    return constrain(tokens, mesh)
 
   return jax.lax.fori_loop(first, first + num_steps, body,
-                           _constrain(tokens, mesh))
+                           constrain(tokens, mesh))
 
 
 @functools.lru_cache(maxsize=64)
 def make_sampler(model: arvm_lib.ARVM, num_samples: int, *,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  cfg_scale: float = 0.0, cache: str = "ring",
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, order: str = "raster"):
   """The jitted sampler behind :func:`sample_tokens` (memoised per args).
 
   Returns ``fn(params, rng, labels) -> [B, T] int32 tokens``; ``labels`` is
@@ -334,8 +252,11 @@ def make_sampler(model: arvm_lib.ARVM, num_samples: int, *,
                   cfg_scale=cfg_scale, mesh=mesh)
 
   def fn(params, rng, labels):
+    if order == "wavefront":
+      return wavefront.wavefront_tokens(model, params, rng, labels,
+                                        num_samples=num_samples, **settings)
     if cache == "none":
-      keys = _constrain(sample_keys(rng, num_samples), mesh)
+      keys = constrain(sample_keys(rng, num_samples), mesh)
       tokens = jnp.zeros((num_samples, model.seq_len), jnp.int32)
       return _recompute_loop(model, params, keys, tokens, labels,
                              jnp.int32(0), jnp.int32(model.seq_len),
@@ -365,7 +286,8 @@ def sample_tokens(model: arvm_lib.ARVM, params: Any, rng: jax.Array,
                   num_samples: int, labels: Any = None, *,
                   temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, cfg_scale: float = 0.0,
-                  cache: str = "ring", mesh: Mesh | None = None) -> jax.Array:
+                  cache: str = "ring", mesh: Mesh | None = None,
+                  order: str = "raster") -> jax.Array:
   """Samples token grids from the ARVM.
 
   Args:
@@ -381,16 +303,22 @@ def sample_tokens(model: arvm_lib.ARVM, params: Any, rng: jax.Array,
     top_p: nucleus mass (1.0 = off).
     cfg_scale: classifier-free guidance scale; > 0 runs (label, null) rows
       and samples from ``uncond + cfg_scale * (cond - uncond)``.
-    cache: ``'ring'`` | ``'full'`` | ``'none'`` (see the module docstring).
+    cache: ``'ring'`` | ``'full'`` | ``'none'`` (see the module docstring);
+      raster order only.
     mesh: optional mesh; the batch is split over its data axes.
+    order: ``'raster'`` (one token per step) or ``'wavefront'`` (every
+      position of a front per step, :mod:`mesp_jax.sample.wavefront`; the
+      same tokens for a seed).
 
   Returns:
     [B, H, W, Tp] int32 tokens.
   """
-  _check_args(model, num_samples, labels, cache, cfg_scale, top_k, top_p, mesh)
+  _check_args(model, num_samples, labels, cache, cfg_scale, top_k, top_p, mesh,
+              order)
   fn = make_sampler(model, int(num_samples), temperature=float(temperature),
                     top_k=int(top_k), top_p=float(top_p),
-                    cfg_scale=float(cfg_scale), cache=cache, mesh=mesh)
+                    cfg_scale=float(cfg_scale), cache=cache, mesh=mesh,
+                    order=order)
   labels = labels_or_null(model, labels, num_samples)
   params, rng, labels = _place(params, rng, labels, mesh)
   tokens = fn(params, rng, labels)  # [B, T]

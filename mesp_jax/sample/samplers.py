@@ -65,7 +65,11 @@ class Sampler(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class NeuralSampler:
-  """The neural gamma-ARVM with the jitted KV-cache (or ring) decoder."""
+  """The neural gamma-ARVM with the jitted KV-cache decoder.
+
+  ``order``: 'raster' (``cache`` ring, full or none) or 'wavefront' (every
+  position of a front per step; the same tokens for a seed).
+  """
 
   model: arvm_lib.ARVM
   params: Any
@@ -75,6 +79,7 @@ class NeuralSampler:
   top_p: float = 1.0
   cfg_scale: float = 0.0
   cache: str = "ring"
+  order: str = "raster"
   kind: str = dataclasses.field(default="neural", init=False)
 
   @property
@@ -103,13 +108,19 @@ class NeuralSampler:
     tokens = decode.sample_tokens(
         self.model, self.params, rng, num, labels,
         temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-        cfg_scale=self.cfg_scale, cache=self.cache, mesh=self.mesh)
+        cfg_scale=self.cfg_scale, cache=self.cache, mesh=self.mesh,
+        order=self.order)
     return sharding.to_host(tokens).astype(np.int32)  # [num, H, W, Tp]
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelSampler:
-  """The kernel (non-parametric) gamma-ARVM over a prepared bank."""
+  """The kernel (non-parametric) gamma-ARVM over a prepared bank.
+
+  ``order``: 'raster', 'random' or 'wavefront' (raster order's tokens for a
+  seed, every position of a wavefront per step;
+  :func:`mesp_jax.sample.kernel.kernel_sample`).
+  """
 
   bank: kernel_lib.KernelBank
   sigma_s: float
@@ -153,7 +164,7 @@ def describe(sampler: Sampler) -> dict[str, Any]:
   if isinstance(sampler, NeuralSampler):
     out.update(temperature=sampler.temperature, top_k=sampler.top_k,
                top_p=sampler.top_p, cfg_scale=sampler.cfg_scale,
-               cache=sampler.cache)
+               cache=sampler.cache, order=sampler.order)
   elif isinstance(sampler, KernelSampler):
     out.update(sigma_s=float(sampler.sigma_s), order=sampler.order,
                temperature=sampler.temperature,

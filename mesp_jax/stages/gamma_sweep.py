@@ -56,7 +56,8 @@ def neural_tokens(arvm_workdir: str, gamma, bank: Bank,
   sampler = samplers.NeuralSampler(
       model, params, mesh, temperature=float(config.sampler.temperature),
       top_k=int(ncfg.top_k), top_p=float(ncfg.top_p),
-      cfg_scale=float(ncfg.cfg_scale), cache=ncfg.cache)
+      cfg_scale=float(ncfg.cfg_scale), cache=ncfg.cache,
+      order=ncfg.get("order", "raster"))
   tokens, _ = samplers.draw(sampler, rng, int(config.sampler.num_samples),
                             int(ncfg.batch_size))
   tokens = repack(tokens, bank.bits, int(model.group), bank.group)

@@ -42,7 +42,8 @@ def build_sampler(config: ml_collections.ConfigDict, kind: str, mesh
     sampler = samplers.NeuralSampler(
         model, params, mesh, temperature=float(scfg.temperature),
         top_k=int(scfg.top_k), top_p=float(scfg.top_p),
-        cfg_scale=float(scfg.cfg_scale), cache=scfg.cache)
+        cfg_scale=float(scfg.cfg_scale), cache=scfg.cache,
+        order=scfg.get("order", "raster"))
     return sampler, blae_dir, {"arvm_workdir": arvm_dir, "arvm_step": step}
   kcfg = config.kernel
   bank = load_bank(config)
