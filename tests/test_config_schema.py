@@ -9,7 +9,7 @@ import pytest
 
 from mesp_jax.base import config as config_lib
 from mesp_jax.base.gamma import gamma_label, parse_gamma, parse_gammas
-from mesp_jax.sample.sample_set import SampleSet
+from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.train import arvm as arvm_train
 from mesp_jax.train import checkpoint
 

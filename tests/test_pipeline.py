@@ -5,14 +5,17 @@ example, executed as written)."""
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import mesp_jax
+from mesp_jax import stages
 from mesp_jax.base.config import load_config
+from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.models.blae import decode_tokens
-from mesp_jax.sample.sample_set import SampleSet
 from mesp_jax.stages.pipeline import run
 from mesp_jax.train import blae as blae_stage
 
@@ -85,3 +88,42 @@ def test_generator_draws_what_the_sample_stage_drew(smoke_run):
   np.testing.assert_array_equal(tokens, stage.tokens)
   with pytest.raises(FileNotFoundError, match="no trained ARVM"):
     mesp_jax.load_generator(os.path.join(workdir, "blae"), kind="neural")
+
+
+def test_two_processes_write_the_samples_of_one(repo_root, smoke_run,
+                                                tmp_path):
+  """Stage sample on 2 JAX processes (4 CPU devices each): each writes its
+  shard, process 0 a manifest, and the set equals one process's."""
+  _, workdir = smoke_run
+  args = ["--config=configs/arvm_fashion_mnist.py:smoke",
+          "--config.stage=sample",
+          f"--config.inputs.arvm_workdir={os.path.join(workdir, 'arvm')}",
+          "--config.sampler.num_samples=20", "--config.sampler.batch_size=8",
+          "--config.sampler.order=wavefront"]
+  env = dict(os.environ, PY=sys.executable, N="2", D="4",
+             PORT=str(20000 + (os.getpid() + 7) % 20000))
+  env.pop("XLA_FLAGS", None)
+  multi = tmp_path / "multi"
+  result = subprocess.run(
+      ["bash", "launch/multiprocess_local.sh", f"--workdir={multi}", *args],
+      cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  for name in ("samples-00000-of-00002.npz", "samples-00001-of-00002.npz",
+               "samples_manifest.json", "samples.png"):
+    assert (multi / name).exists(), (name, sorted(os.listdir(multi)))
+  assert not (multi / "samples.npz").exists()
+
+  config = load_config(os.path.join(repo_root,
+                                    "configs/arvm_fashion_mnist.py:smoke"))
+  config.stage = "sample"
+  config.inputs.arvm_workdir = os.path.join(workdir, "arvm")
+  config.sampler.update(num_samples=20, batch_size=8, order="raster")
+  one = stages.run(config, str(tmp_path / "single"))
+  single = SampleSet.load(one["npz"])
+  joined = SampleSet.load(str(multi / "samples_manifest.json"))
+  np.testing.assert_array_equal(joined.tokens, single.tokens)
+  np.testing.assert_array_equal(joined.labels, single.labels)
+  np.testing.assert_allclose(joined.images, single.images, atol=1e-5)
+  # Batches 0 and 2 on process 0, batch 1 on process 1 (the last one short).
+  shard = SampleSet.load(str(multi / "samples-00001-of-00002.npz"))
+  np.testing.assert_array_equal(shard.extra["index"], np.arange(8, 16))

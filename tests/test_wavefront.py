@@ -1,5 +1,6 @@
-"""Wavefront decoding of the neural ARVM against raster decoding and the
-full forward pass; the front schedule against a brute-force window check."""
+"""Sampling at scale: wavefront decoding of the neural ARVM against raster
+decoding and the full forward pass, the front schedule against a brute-force
+window check, bf16 sampling, and per-process sample shards."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from mesp_jax.base import sharding
 from mesp_jax.models import arvm, arvm_geometry
-from mesp_jax.sample import decode, wavefront
+from mesp_jax.sample import decode, samplers, wavefront
 
 # Wavefront and full-forward logits differ only by float32 summation order
 # (the cache is longer and laid out differently); measured <= 2e-6.
@@ -131,3 +132,47 @@ def test_wavefront_rejects_recomputation():
                          order="wavefront", cache="none")
   with pytest.raises(ValueError, match="order"):
     decode.sample_tokens(model, params, jax.random.key(0), 2, order="zigzag")
+
+
+def test_bfloat16_sampling_halves_the_cache_and_stays_close():
+  model = _model((4, 4), 4, gamma=1, num_classes=2)
+  params, tokens, labels = _params(model)
+  half = model.clone(dtype=jnp.bfloat16)
+  for cache_bytes, entries in (
+      (decode.cache_bytes, decode.cache_entries(model, "ring") + 1),
+      (wavefront.cache_bytes, wavefront.cache_entries(model) + 1)):
+    tags = 4 * entries  # the int32 slot tags do not shrink
+    keys_values = cache_bytes(model, 8) - tags
+    assert cache_bytes(half, 8) == tags + keys_values // 2
+  full = np.asarray(jax.jit(model.apply)(params, tokens, labels))
+  low = np.asarray(wavefront.wavefront_logits(half, params, tokens, labels))
+  # bf16 keeps 8 mantissa bits: logits of this size agree to a few 1e-2.
+  np.testing.assert_allclose(low, full, atol=0.1, rtol=0.05)
+  sampler = samplers.NeuralSampler(model, params, order="wavefront",
+                                   dtype="bfloat16")
+  out = sampler.sample(jax.random.key(0), 4, np.array([0, 1, 0, 1]))
+  assert out.shape == (4, 4, 4, 2) and out.dtype == np.int32
+  assert samplers.describe(sampler)["dtype"] == "bfloat16"
+
+
+def test_manifest_joins_shards_in_sample_order(tmp_path):
+  from mesp_jax.data import sample_set as ss
+  from mesp_jax.eval.evaluate import load_samples
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 4, (10, 2, 2, 1)).astype(np.int32)
+  images = rng.uniform(-1, 1, (10, 4, 4, 1)).astype(np.float32)
+  shards = []
+  for p, idx in enumerate((np.r_[0:4, 8:10], np.r_[4:8])):  # batches of 4
+    part = ss.SampleSet(tokens=tokens[idx], images=images[idx],
+                        labels=np.full(len(idx), -1), kind="neural",
+                        gamma="1", group=2, extra={"index": idx})
+    shards.append(ss.shard_name(p, 2))
+    part.save(str(tmp_path / shards[-1]), shard=True)
+  manifest = str(tmp_path / ss.MANIFEST)
+  ss.write_manifest(manifest, shards, 10, {"kind": "neural"})
+  joined = ss.SampleSet.load(manifest)
+  np.testing.assert_array_equal(joined.tokens, tokens)
+  np.testing.assert_array_equal(load_samples(manifest), images)
+  ss.write_manifest(manifest, shards[:1], 10, {})
+  with pytest.raises(ValueError, match="missing or stale"):
+    ss.SampleSet.load(manifest)

@@ -67,8 +67,12 @@ def json_safe(x):
 
 def save_npz(path: str, **arrays) -> None:
   """Atomic ``np.savez`` from process 0."""
-  if not is_writer():
-    return
+  if is_writer():
+    save_npz_shard(path, **arrays)
+
+
+def save_npz_shard(path: str, **arrays) -> None:
+  """Atomic ``np.savez`` from whichever process calls it (its own shard)."""
   import io as _io
   buf = _io.BytesIO()
   np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})

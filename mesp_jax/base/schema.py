@@ -187,7 +187,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         cfg_scale=(0.0, number(0), "neural; classifier-free guidance"),
         cache=("ring", choice("ring", "full", "none"), "neural decoder"),
         order=("raster", choice("raster", "wavefront"),
-               "neural decoding order (same tokens for a seed)")),
+               "neural decoding order (same tokens for a seed)"),
+        dtype=("", choice("", "float32", "bfloat16"),
+               "neural activations and KV cache; '': the ARVM's own")),
     "kernel": _fields(
         group=(8, integer(1, 16), "bits per token g"),
         sigma_s=(0.3, number(0, above=True), "p_flip = Phi(-1/sigma_s)"),

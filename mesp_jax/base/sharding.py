@@ -154,6 +154,19 @@ def replicate(x: Any, mesh: Mesh) -> jax.Array:
   return place(x, mesh, P())
 
 
+def local_mesh() -> Mesh:
+  """A ``data`` mesh over this process's own devices (work that each process
+  does alone, e.g. its share of the samples)."""
+  return make_mesh(devices=jax.local_devices())
+
+
+def to_local(tree: Any, mesh: Mesh) -> Any:
+  """A pytree of global arrays, whole and replicated on ``mesh`` (a
+  :func:`local_mesh`): gathered from every process first if sharded."""
+  return jax.tree.map(lambda x: jax.device_put(x, replicated(mesh)),
+                      to_host(tree))
+
+
 def batched_map(fn: Callable[..., Any], inputs: np.ndarray, batch_size: int,
                 mesh: Mesh | None = None, *args) -> np.ndarray:
   """``fn(*args, batch)`` over fixed-size batches of ``inputs``, on the host.

@@ -36,6 +36,7 @@ import numpy as np
 
 from mesp_jax.base.image import to_float_images
 from mesp_jax.data import source_from_config
+from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.eval import fid as fid_lib
 from mesp_jax.eval import memorization as mem
 from mesp_jax.eval import reference
@@ -45,7 +46,8 @@ INCEPTION_NAME = "inception_v3_fid"
 
 
 def load_samples(path: str, image_shape=None) -> np.ndarray:
-  """``images`` of a samples npz as float32 [N, H, W, C] in [-1, 1].
+  """``images`` of a samples npz (or shard manifest) as float32 [N, H, W, C]
+  in [-1, 1].
 
   uint8 images are mapped from 0..255. Float images must lie in [-1, 1]
   (round-off up to 1e-2 outside is clipped).
@@ -58,11 +60,15 @@ def load_samples(path: str, image_shape=None) -> np.ndarray:
                      ".npz holding 'images' [N, H, W, C] in [-1, 1]")
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.inputs.samples={path!r} does not exist")
-  with np.load(path, allow_pickle=False) as f:
-    if "images" not in f.files:
-      raise ValueError(f"{path} has no 'images' array (found {f.files}); the "
-                       f"samplers write 'images' [N, H, W, C] in [-1, 1]")
-    images = f["images"]
+  if path.endswith(".json"):  # per-process shards of stage sample
+    images = SampleSet.load(path).images
+  else:
+    with np.load(path, allow_pickle=False) as f:
+      if "images" not in f.files:
+        raise ValueError(f"{path} has no 'images' array (found {f.files}); "
+                         f"the samplers write 'images' [N, H, W, C] in "
+                         f"[-1, 1]")
+      images = f["images"]
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.shape[-1] not in (1, 3):

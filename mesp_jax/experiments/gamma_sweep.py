@@ -42,10 +42,10 @@ from mesp_jax.base import io
 from mesp_jax.base.gamma import gamma_label, parse_gamma
 from mesp_jax.base.image import to_float_images
 from mesp_jax.data import source_from_config
+from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.data.tokens import Bank
 from mesp_jax.eval import fid as fid_lib
 from mesp_jax.eval import memorization as mem
-from mesp_jax.sample.sample_set import SampleSet
 
 PIXEL_DISTANCE = "fd_pixels"
 ORDERS = ("raster", "random")

@@ -18,10 +18,11 @@ batch-sharded BL-AE decode.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -68,7 +69,9 @@ class NeuralSampler:
   """The neural gamma-ARVM with the jitted KV-cache decoder.
 
   ``order``: 'raster' (``cache`` ring, full or none) or 'wavefront' (every
-  position of a front per step; the same tokens for a seed).
+  position of a front per step; the same tokens for a seed). ``dtype``:
+  activations and KV cache ('bfloat16' halves the cache; '' keeps the
+  model's); parameters stay as they are.
   """
 
   model: arvm_lib.ARVM
@@ -80,6 +83,7 @@ class NeuralSampler:
   cfg_scale: float = 0.0
   cache: str = "ring"
   order: str = "raster"
+  dtype: str = ""
   kind: str = dataclasses.field(default="neural", init=False)
 
   @property
@@ -105,8 +109,11 @@ class NeuralSampler:
 
   def sample(self, rng: jax.Array, num: int,
              labels: np.ndarray | None = None) -> np.ndarray:
+    model = self.model
+    if self.dtype:
+      model = model.clone(dtype=arvm_lib.DTYPES[self.dtype])
     tokens = decode.sample_tokens(
-        self.model, self.params, rng, num, labels,
+        model, self.params, rng, num, labels,
         temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
         cfg_scale=self.cfg_scale, cache=self.cache, mesh=self.mesh,
         order=self.order)
@@ -164,12 +171,22 @@ def describe(sampler: Sampler) -> dict[str, Any]:
   if isinstance(sampler, NeuralSampler):
     out.update(temperature=sampler.temperature, top_k=sampler.top_k,
                top_p=sampler.top_p, cfg_scale=sampler.cfg_scale,
-               cache=sampler.cache, order=sampler.order)
+               cache=sampler.cache, order=sampler.order,
+               dtype=sampler.dtype or jnp.dtype(sampler.model.dtype).name)
   elif isinstance(sampler, KernelSampler):
     out.update(sigma_s=float(sampler.sigma_s), order=sampler.order,
                temperature=sampler.temperature,
                bank_size=int(sampler.bank.size))
   return out
+
+
+def process_batches(num_samples: int, batch_size: int,
+                    process_index: int | None = None,
+                    process_count: int | None = None) -> list[int]:
+  """The batch indices one process draws: ``p, p + P, p + 2P, ...``."""
+  p = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  return list(range(p, -(-num_samples // batch_size), n))
 
 
 def draw(sampler: Sampler, rng: jax.Array, num_samples: int,
@@ -184,6 +201,25 @@ def draw(sampler: Sampler, rng: jax.Array, num_samples: int,
 
   Returns:
     (tokens [N, H, W, Tp] int32, labels [N] int32; -1 = unconditional).
+  """
+  tokens, used, _ = draw_batches(sampler, rng, num_samples, batch_size,
+                                 None, progress, labels)
+  return tokens, used
+
+
+def draw_batches(sampler: Sampler, rng: jax.Array, num_samples: int,
+                 batch_size: int, batches: Sequence[int] | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 labels: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Batches ``batches`` (default: all) of the sample set :func:`draw` makes.
+
+  A process draws its share (:func:`process_batches`) and gets exactly the
+  samples a single process would have drawn at those indices.
+
+  Returns:
+    (tokens [n, H, W, Tp] int32, labels [n] int32, index [n] int64: the
+    samples' positions in the whole set).
   """
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1")
@@ -201,19 +237,29 @@ def draw(sampler: Sampler, rng: jax.Array, num_samples: int,
       raise ValueError(f"labels must be {num_samples} ints in 0.."
                        f"{sampler.num_classes} ({sampler.num_classes} = the "
                        f"null label)")
-  tokens, used = [], []
-  for b, start in enumerate(range(0, num_samples, batch_size)):
-    index = np.arange(start, start + batch_size)
+  all_batches = range(-(-num_samples // batch_size))
+  batches = list(all_batches if batches is None else batches)
+  tokens, used, index = [], [], []
+  for done, b in enumerate(batches):
+    idx = np.arange(b * batch_size, (b + 1) * batch_size)
     lab = None
     if conditional:
-      lab = (index % sampler.num_classes if labels is None else
-             labels[np.minimum(index, num_samples - 1)]).astype(np.int32)
-    tokens.append(sampler.sample(jax.random.fold_in(rng, b), batch_size, lab))
-    used.append(lab if conditional else np.full(batch_size, -1, np.int32))
+      lab = (idx % sampler.num_classes if labels is None else
+             labels[np.minimum(idx, num_samples - 1)]).astype(np.int32)
+    keep = idx < num_samples
+    out = sampler.sample(jax.random.fold_in(rng, b), batch_size, lab)
+    tokens.append(out[keep])
+    used.append((lab if conditional else np.full(batch_size, -1, np.int32))
+                [keep])
+    index.append(idx[keep])
     if progress is not None:
-      progress(min(start + batch_size, num_samples), num_samples)
-  return (np.concatenate(tokens)[:num_samples],
-          np.concatenate(used)[:num_samples])
+      progress(min((done + 1) * batch_size, num_samples), num_samples)
+  if not batches:
+    h, w, tp = sampler.grid
+    return (np.zeros((0, h, w, tp), np.int32), np.zeros((0,), np.int32),
+            np.zeros((0,), np.int64))
+  return (np.concatenate(tokens), np.concatenate(used),
+          np.concatenate(index).astype(np.int64))
 
 
 def token_decoder(model: BLAE, params: Any, group: int, mesh: Mesh | None,

@@ -28,13 +28,13 @@ import numpy as np
 from mesp_jax.base import config as config_lib
 from mesp_jax.base import io, sharding
 from mesp_jax.base.gamma import covers_grid, gamma_label, parse_gammas
+from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.data.tokens import Bank, load_bank, repack
 from mesp_jax.eval import memorization as mem
 from mesp_jax.experiments import gamma_sweep as sweep
 from mesp_jax.experiments import plots
 from mesp_jax.sample import kernel as kernel_lib
 from mesp_jax.sample import samplers
-from mesp_jax.sample.sample_set import SampleSet
 from mesp_jax.train import arvm, blae
 
 

@@ -71,12 +71,14 @@ class SampleSet:
   def __len__(self) -> int:
     return int(self.tokens.shape[0])
 
-  def save(self, path: str) -> None:
-    """Atomic ``np.savez`` from process 0."""
+  def save(self, path: str, *, shard: bool = False) -> None:
+    """Atomic ``np.savez`` from process 0 (``shard``: from every process,
+    each to its own ``path``)."""
     clash = set(self.extra) & set(_CORE)
     if clash:
       raise ValueError(f"extra arrays may not be named {sorted(clash)}")
-    io.save_npz(path, tokens=self.tokens, images=self.images,
+    save = io.save_npz_shard if shard else io.save_npz
+    save(path, tokens=self.tokens, images=self.images,
                 labels=self.labels, kind=np.asarray(self.kind),
                 gamma=np.asarray(self.gamma), group=np.int32(self.group),
                 sources=np.asarray(json.dumps(self.sources, sort_keys=True)),
@@ -86,13 +88,17 @@ class SampleSet:
 
   @classmethod
   def load(cls, path: str) -> SampleSet:
-    """Reads a ``samples.npz`` of this or an earlier schema.
+    """Reads a ``samples.npz`` of this or an earlier schema, or a manifest
+    of per-process shards (:func:`write_manifest`; the shards are joined in
+    sample order).
 
     Raises:
       FileNotFoundError / ValueError naming the file and what is wrong.
     """
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} does not exist")
+    if path.endswith(".json"):
+      return _load_manifest(path)
     try:
       with np.load(path, allow_pickle=False) as f:
         data = {k: f[k] for k in f.files}
@@ -121,3 +127,56 @@ class SampleSet:
     return cls(tokens=data.pop("tokens"), images=data.pop("images"),
                labels=labels, kind=kind, gamma=gamma, group=group,
                sources=sources, settings=settings, extra=data)
+
+
+MANIFEST = "samples_manifest.json"
+
+
+def shard_name(process_index: int, process_count: int) -> str:
+  """File name of one process's shard of a sample set."""
+  return f"samples-{process_index:05d}-of-{process_count:05d}.npz"
+
+
+def write_manifest(path: str, shards: list[str], num_samples: int,
+                   info: dict[str, Any]) -> None:
+  """Process 0 lists the shards (names relative to ``path``'s folder) that
+  together hold ``num_samples`` samples; :meth:`SampleSet.load` reads it."""
+  io.write_json(path, {"schema_version": SCHEMA_VERSION, "shards": shards,
+                       "num_samples": int(num_samples), **info})
+
+
+def _load_manifest(path: str) -> SampleSet:
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+    shards = list(manifest["shards"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path} is not a sample manifest ({e}); rerun the "
+                     f"sampling stage that wrote it") from None
+  folder = os.path.dirname(path)
+  parts = [SampleSet.load(os.path.join(folder, s)) for s in shards]
+  if not parts:
+    raise ValueError(f"{path} lists no shards")
+  first = parts[0]
+  if any("index" not in p.extra for p in parts):
+    raise ValueError(f"{path}: a shard lacks the 'index' array")
+  index = np.concatenate([p.extra["index"] for p in parts])
+  order = np.argsort(index, kind="stable")
+  expected = int(manifest.get("num_samples", len(index)))
+  if len(index) != expected or not np.array_equal(index[order],
+                                                  np.arange(expected)):
+    raise ValueError(f"{path}: the shards hold samples {len(index)} of "
+                     f"{expected}, not each exactly once; a shard is missing "
+                     f"or stale: rerun the sampling stage")
+
+  def join(get):
+    return np.concatenate([get(p) for p in parts])[order]
+
+  extra = {k: join(lambda p, k=k: p.extra[k]) for k in first.extra
+           if k != "index"}
+  return SampleSet(tokens=join(lambda p: p.tokens),
+                   images=join(lambda p: p.images),
+                   labels=join(lambda p: p.labels), kind=first.kind,
+                   gamma=first.gamma, group=first.group,
+                   sources=first.sources, settings=first.settings,
+                   extra=extra)
