@@ -200,6 +200,7 @@ def blae_config(config: ml_collections.ConfigDict, sigma: float
   sub.mesh = config.mesh
   sub.train = config.train
   fields = {k: config.model[k] for k in ARCHITECTURE_FIELDS}
+  fields["conv"] = config.model.get("conv", "xla")
   fields.update(sigma=float(sigma), sigma_start=float(sigma),
                 sigma_ramp_steps=0, beta=float(config.sigma_sweep.beta))
   sub.blae = ml_collections.ConfigDict(fields)

@@ -13,10 +13,15 @@ Two encoder/decoder families:
 * ``downsample``: a 3x3 stem, ``log2(f)`` stages of [residual 3x3 block,
   stride-2 conv], residual blocks at the bottom, 1x1 conv to C bits; the
   decoder mirrors it with nearest-neighbour upsampling.
+
+Every convolution is :class:`mesp_jax.models.conv.Conv` with the model's
+``conv`` implementation ('xla', 'im2col' or 'auto'); all share nn.Conv's
+parameters, so the choice is not part of a checkpoint's architecture.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mesp_jax.base import bits as bits_lib
+from mesp_jax.models.conv import CONV_CHOICES, Conv
 
 FAMILIES = ("full_res", "downsample")
 
@@ -33,13 +39,14 @@ class ResBlock(nn.Module):
   """x + conv(act(conv(act(x)))) with a configurable kernel size."""
   width: int
   kernel: int = 1
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     k = (self.kernel, self.kernel)
-    h = nn.Conv(self.width, k, name="conv1")(nn.silu(x))
-    h = nn.Conv(self.width, k, name="conv2", kernel_init=nn.initializers.zeros
-                )(nn.silu(h))
+    h = Conv(self.width, k, name="conv1", impl=self.conv)(nn.silu(x))
+    h = Conv(self.width, k, name="conv2", kernel_init=nn.initializers.zeros,
+             impl=self.conv)(nn.silu(h))
     return x + h
 
 
@@ -57,25 +64,28 @@ class Encoder(nn.Module):
   stem_kernel: int = 7
   downsample_factor: int = 1
   channel_mult: Sequence[int] = (1,)
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x):
+    conv = functools.partial(Conv, impl=self.conv)
+    res = functools.partial(ResBlock, conv=self.conv)
     if self.family == "full_res":
       k = (self.stem_kernel, self.stem_kernel)
-      h = nn.Conv(self.width, k, name="stem")(x)
+      h = conv(self.width, k, name="stem")(x)
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.width, 1, name=f"res{i}")(h)
+        h = res(self.width, 1, name=f"res{i}")(h)
     else:
       num_down = int(math.log2(self.downsample_factor))
       widths = _stage_widths(self.width, num_down, self.channel_mult)
-      h = nn.Conv(widths[0], (3, 3), name="stem")(x)
+      h = conv(widths[0], (3, 3), name="stem")(x)
       for s in range(num_down):
-        h = ResBlock(widths[s], 3, name=f"down{s}_res")(h)
-        h = nn.Conv(widths[s + 1], (4, 4), strides=(2, 2),
-                    name=f"down{s}_conv")(nn.silu(h))
+        h = res(widths[s], 3, name=f"down{s}_res")(h)
+        h = conv(widths[s + 1], (4, 4), strides=(2, 2),
+                 name=f"down{s}_conv")(nn.silu(h))
       for i in range(self.num_res_blocks):
-        h = ResBlock(widths[-1], 3, name=f"mid_res{i}")(h)
-    return nn.Conv(self.bits, (1, 1), name="to_bits")(nn.silu(h))
+        h = res(widths[-1], 3, name=f"mid_res{i}")(h)
+    return conv(self.bits, (1, 1), name="to_bits")(nn.silu(h))
 
 
 class Decoder(nn.Module):
@@ -87,26 +97,29 @@ class Decoder(nn.Module):
   stem_kernel: int = 7
   downsample_factor: int = 1
   channel_mult: Sequence[int] = (1,)
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, z):
+    conv = functools.partial(Conv, impl=self.conv)
+    res = functools.partial(ResBlock, conv=self.conv)
     if self.family == "full_res":
-      h = nn.Conv(self.width, (1, 1), name="from_bits")(z)
+      h = conv(self.width, (1, 1), name="from_bits")(z)
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.width, 1, name=f"res{i}")(h)
+        h = res(self.width, 1, name=f"res{i}")(h)
       k = (self.stem_kernel, self.stem_kernel)
-      return nn.Conv(self.image_channels, k, name="out")(nn.silu(h))
+      return conv(self.image_channels, k, name="out")(nn.silu(h))
     num_down = int(math.log2(self.downsample_factor))
     widths = _stage_widths(self.width, num_down, self.channel_mult)
-    h = nn.Conv(widths[-1], (3, 3), name="from_bits")(z)
+    h = conv(widths[-1], (3, 3), name="from_bits")(z)
     for i in range(self.num_res_blocks):
-      h = ResBlock(widths[-1], 3, name=f"mid_res{i}")(h)
+      h = res(widths[-1], 3, name=f"mid_res{i}")(h)
     for s in reversed(range(num_down)):
       b, hh, ww, c = h.shape
       h = jax.image.resize(h, (b, hh * 2, ww * 2, c), "nearest")
-      h = nn.Conv(widths[s], (3, 3), name=f"up{s}_conv")(nn.silu(h))
-      h = ResBlock(widths[s], 3, name=f"up{s}_res")(h)
-    return nn.Conv(self.image_channels, (3, 3), name="out")(nn.silu(h))
+      h = conv(widths[s], (3, 3), name=f"up{s}_conv")(nn.silu(h))
+      h = res(widths[s], 3, name=f"up{s}_res")(h)
+    return conv(self.image_channels, (3, 3), name="out")(nn.silu(h))
 
 
 def encoder_decoder(module, code_channels: int) -> tuple[Encoder, Decoder]:
@@ -119,12 +132,13 @@ def encoder_decoder(module, code_channels: int) -> tuple[Encoder, Decoder]:
                 num_res_blocks=module.num_res_blocks,
                 stem_kernel=module.stem_kernel,
                 downsample_factor=module.downsample_factor,
-                channel_mult=tuple(module.channel_mult))
+                channel_mult=tuple(module.channel_mult), conv=module.conv)
   return (Encoder(bits=code_channels, **common),
           Decoder(image_channels=module.image_channels, **common))
 
 
 # The fields that define an autoencoder's parameters (a checkpoint's "model").
+# ``conv`` is not one of them: every implementation has the same parameters.
 ARCHITECTURE_FIELDS = ("family", "width", "bits", "num_res_blocks",
                        "stem_kernel", "downsample_factor", "channel_mult")
 
@@ -141,6 +155,9 @@ class Autoencoder(nn.Module):
     downsample_factor: f in {1, 2, 4, 8, 16} ('downsample' family).
     channel_mult: width multipliers per resolution ('downsample' family).
     image_channels: 1 (grey) or 3 (RGB).
+    conv: convolution implementation of every conv, 'xla' (nn.Conv's),
+      'im2col' or 'auto' (:mod:`mesp_jax.models.conv`); the same parameters
+      and, up to float summation order, the same outputs.
   """
   family: str = "downsample"
   width: int = 64
@@ -150,6 +167,7 @@ class Autoencoder(nn.Module):
   downsample_factor: int = 4
   channel_mult: Sequence[int] = (1,)
   image_channels: int = 1
+  conv: str = "xla"
 
   def latent_shape(self, image_shape: tuple[int, int, int]
                    ) -> tuple[int, int, int]:
@@ -163,7 +181,9 @@ def architecture_kwargs(cfg, section: str) -> dict:
   """Checked :class:`Autoencoder` fields from ``config.{section}``.
 
   Returns the keyword arguments for :data:`ARCHITECTURE_FIELDS` (without
-  ``image_channels``); a bad family or factor raises naming the field.
+  ``image_channels``) plus ``conv`` (``cfg.get("conv", "xla")``: configs
+  saved before the field existed lack it); a bad family, factor or conv
+  raises naming the field.
   """
   if cfg.family not in FAMILIES:
     raise ValueError(f"config.{section}.family={cfg.family!r}; choose one of "
@@ -173,8 +193,13 @@ def architecture_kwargs(cfg, section: str) -> dict:
     raise ValueError(f"config.{section}.downsample_factor="
                      f"{cfg.downsample_factor}; choose one of "
                      f"[1, 2, 4, 8, 16]")
+  conv = cfg.get("conv", "xla")
+  if conv not in CONV_CHOICES:
+    raise ValueError(f"config.{section}.conv={conv!r}; choose one of "
+                     f"{list(CONV_CHOICES)}")
   kwargs = {k: cfg[k] for k in ARCHITECTURE_FIELDS}
   kwargs["channel_mult"] = tuple(kwargs["channel_mult"])
+  kwargs["conv"] = conv
   return kwargs
 
 

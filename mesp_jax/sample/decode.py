@@ -17,6 +17,9 @@ the stored grid positions every step.
 * ``cache='full'``: ``R = T - 1``; nothing is ever overwritten.
 * ``cache='none'``: every step reruns the full forward pass (the baseline).
 
+``order='wavefront'`` hands decoding to :mod:`mesp_jax.sample.wavefront`
+(every position of a front per step, its own row cache, the same tokens).
+
 Randomness: sample ``b`` uses ``fold_in(rng, b)`` and the draw for token ``i``
 uses ``fold_in(fold_in(rng, b), i)``, so a seed gives the same samples for any
 device count or batch split. With ``mesh`` the batch is split over the mesh

@@ -239,6 +239,10 @@ def draw_batches(sampler: Sampler, rng: jax.Array, num_samples: int,
                        f"null label)")
   all_batches = range(-(-num_samples // batch_size))
   batches = list(all_batches if batches is None else batches)
+  if any(b not in all_batches for b in batches):
+    raise ValueError(f"batches {batches} must lie in 0..{len(all_batches) - 1} "
+                     f"({num_samples} samples in batches of {batch_size})")
+  total = sum(min(batch_size, num_samples - b * batch_size) for b in batches)
   tokens, used, index = [], [], []
   for done, b in enumerate(batches):
     idx = np.arange(b * batch_size, (b + 1) * batch_size)
@@ -253,7 +257,7 @@ def draw_batches(sampler: Sampler, rng: jax.Array, num_samples: int,
                 [keep])
     index.append(idx[keep])
     if progress is not None:
-      progress(min((done + 1) * batch_size, num_samples), num_samples)
+      progress(min((done + 1) * batch_size, total), total)
   if not batches:
     h, w, tp = sampler.grid
     return (np.zeros((0, h, w, tp), np.int32), np.zeros((0,), np.int32),
