@@ -132,13 +132,22 @@ def test_explicit_padding_and_bad_arguments():
 
 
 def test_auto_rule():
-  assert resolve_conv("auto", (3, 3), backend="cpu", avx512=False) == "im2col"
-  assert resolve_conv("auto", (3, 3), backend="cpu", avx512=True) == "xla"
-  assert resolve_conv("auto", (4, 4), backend="gpu", avx512=False) == "xla"
-  assert resolve_conv("auto", (1, 1), backend="cpu", avx512=False) == "xla"
+  assert resolve_conv("auto", (3, 3), backend="cpu",
+                      measured="im2col") == "im2col"
+  assert resolve_conv("auto", (3, 3), backend="cpu", measured="xla") == "xla"
+  assert resolve_conv("auto", (4, 4), backend="gpu",
+                      measured="im2col") == "xla"
+  assert resolve_conv("auto", (1, 1), backend="cpu",
+                      measured="im2col") == "xla"
   assert resolve_conv("im2col", (1, 1)) == "im2col"
-  assert resolve_conv("xla", (3, 3), backend="cpu", avx512=False) == "xla"
-  assert conv_lib.resolve_conv("auto", (3, 3)) in ("xla", "im2col")
+  assert resolve_conv("xla", (3, 3), backend="cpu",
+                      measured="im2col") == "xla"
+  # The probe runs (once per process) even when first asked inside a trace.
+  conv_lib.measured_cpu_choice.cache_clear()
+  seen = []
+  jax.jit(lambda x: seen.append(resolve_conv("auto", backend="cpu")) or x)(1.)
+  assert seen[0] in ("xla", "im2col")
+  assert conv_lib.measured_cpu_choice() == seen[0]
 
 
 # --------------------------------------------------------------------------

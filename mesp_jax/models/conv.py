@@ -15,8 +15,9 @@ picks how the convolution is computed:
   and contract them with the kernel reshaped to ``[kh * kw * Cin, Cout]`` in
   one matmul. A 1x1 convolution with stride 1 and no padding is that matmul
   alone. The same function as ``'xla'`` up to float summation order.
-* ``'auto'``: :func:`resolve_conv` picks one of the two per convolution, by
-  a rule from measurements (backend, host CPU, kernel size).
+* ``'auto'``: :func:`resolve_conv` picks one of the two per convolution:
+  XLA's on accelerators and for 1x1 kernels, on a CPU whichever a short
+  probe measures faster there.
 
 Why: XLA:CPU's convolution backward can be very slow on some CPUs (reported
 for a 2-core AVX2 EPYC: about 2 GFLOP/s, while a 2048^2 matmul ran at
@@ -31,6 +32,7 @@ demo BL-AE train step (``python -m mesp_jax.bench train --compare=conv``).
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,43 +47,52 @@ CONV_CHOICES = ("xla", "im2col", "auto")
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()  # as nn.Conv
 
 
-@functools.cache
-def host_has_avx512() -> bool:
-  """Whether the host CPU lists the ``avx512f`` flag (Linux /proc/cpuinfo).
+def _probe_seconds(impl: str, x: jax.Array, kernel: jax.Array) -> float:
+  pads = [(1, 1), (1, 1)]
 
-  False when the flags cannot be read (not Linux, or no such file).
-  """
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return "avx512f" in line.split()
-  except OSError:
-    pass
-  return False
+  def loss(x, k):
+    if impl == "im2col":
+      return jnp.sum(im2col_conv(x, k, (1, 1), pads, None))
+    return jnp.sum(lax.conv_general_dilated(
+        x, k, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  jax.block_until_ready(step(x, kernel))  # compile
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    jax.block_until_ready(step(x, kernel))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+@functools.cache
+def measured_cpu_choice() -> str:
+  """'xla' or 'im2col', whichever runs a 3x3 convolution's forward and
+  backward faster on this process's CPU (measured once per process, about a
+  second: batch 16, 32x32, 32 -> 32 channels, the demo BL-AE's commonest
+  shape)."""
+  with jax.ensure_compile_time_eval():
+    x = jnp.ones((16, 32, 32, 32), jnp.float32)
+    kernel = jnp.full((3, 3, 32, 32), 0.01, jnp.float32)
+    times = {impl: _probe_seconds(impl, x, kernel)
+             for impl in ("xla", "im2col")}
+  return min(times, key=times.get)
 
 
 def resolve_conv(impl: str, kernel_size: Sequence[int] = (3, 3),
                  backend: str | None = None,
-                 avx512: bool | None = None) -> str:
+                 measured: str | None = None) -> str:
   """'xla' or 'im2col' for the choice ``impl`` (one of :data:`CONV_CHOICES`).
 
-  ``'auto'`` is a rule from measurements of convolutions fwd + bwd
-  (``python -m mesp_jax.bench train --compare=conv``):
+  ``'auto'``:
 
   * a 1x1 kernel: ``'xla'`` (``lax`` runs it as a matmul already);
-  * backend ``cpu`` (default ``jax.default_backend()``) on a CPU without
-    AVX-512 (default :func:`host_has_avx512`): ``'im2col'``. Reported for a
-    2-core AVX2 AMD EPYC: XLA:CPU's convolution backward at about
-    2 GFLOP/s, a 3x3 conv as im2col 3.2x faster fwd + bwd;
-  * otherwise ``'xla'``. On a 2-core AVX-512 Intel Xeon XLA:CPU's
-    convolution was 2-5x faster than im2col for every BL-AE shape but 1x1
-    and the demo train step 1.7x faster (im2col's patch copies are
-    memory-bound there); accelerators have native convolutions.
-
-  Two CPUs are little evidence: the AVX-512 test is the one difference
-  between the measured machines, not a known cause. Pick ``'xla'`` or
-  ``'im2col'`` explicitly after running the benchmark where it matters.
+  * backend ``cpu`` (default ``jax.default_backend()``): the faster of the
+    two on this CPU, by measurement (``measured``, default
+    :func:`measured_cpu_choice`). XLA:CPU's convolution is fast on some CPUs
+    and slow on others (module docstring);
+  * otherwise ``'xla'``: accelerators have native convolutions.
   """
   if impl not in CONV_CHOICES:
     raise ValueError(f"conv={impl!r} must be one of {list(CONV_CHOICES)}")
@@ -92,8 +103,7 @@ def resolve_conv(impl: str, kernel_size: Sequence[int] = (3, 3),
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return "xla"
-  avx512 = host_has_avx512() if avx512 is None else avx512
-  return "xla" if avx512 else "im2col"
+  return measured_cpu_choice() if measured is None else measured
 
 
 def _pads(padding, in_spatial: Sequence[int], kernel_size: Sequence[int],
