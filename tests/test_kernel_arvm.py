@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mesp_jax.base.gamma import parse_gamma
 from mesp_jax.base.sharding import make_mesh
-from mesp_jax.sample import kernel, kernel_schedule
+from mesp_jax.sample import kernel, kernel_schedule, kernel_wavefront
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
@@ -216,3 +216,169 @@ def test_memory_bound_does_not_grow_with_the_bank():
   m_large = kernel.kernel_memory_bytes(large, 64, 12)
   assert m_small["chunk_temporaries"] == m_large["chunk_temporaries"]
   assert m_large["state"] == large.chunks.shape[0] * 32 * 64 * 4
+
+
+# ---------------------------------------------------------------------------
+# Wavefront order: raster order's tokens, several positions a step.
+# ---------------------------------------------------------------------------
+
+
+def wavefront_index(width, gamma, pos):
+  """Brute force: the step of position pos is r (gamma_eff + 1) + c."""
+  g = None if gamma in (None, "global") else gamma
+  skew = width if g is None or g >= width - 1 else g + 1
+  r, c = divmod(int(pos), width)
+  return r * skew + c
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 7), st.integers(1, 3),
+       st.sampled_from([0, 1, 2, 3, 9, None]))
+def test_wavefront_schedule_brute_force(height, width, tp, gamma):
+  """Every lane's state is exactly the token's raster context when it draws,
+  and its ops read only tokens of earlier steps (a lane between two grid rows
+  prepares the next row's context early); Tp (W + (H-1)(ge+1)) steps."""
+  sched = kernel_schedule.build_wavefront_schedule(height, width, tp, gamma,
+                                                   group=3)
+  g_eff = width - 1 if gamma is None or gamma >= width - 1 else gamma
+  steps = tp * (width + (height - 1) * (g_eff + 1))
+  assert sched.num_steps == steps == kernel_schedule.wavefront_steps(
+      height, width, tp, gamma)
+  assert sched.lanes == -(-width // (g_eff + 1))
+  num_tok = height * width * tp
+  raster = np.arange(height * width)
+  state = np.zeros((sched.lanes, num_tok))
+  step_of = np.full(num_tok, -1)  # the step that draws each token
+  for step in range(sched.num_steps):
+    first, count = sched.first[step], sched.count[step]
+    for o in range(first, first + count):
+      for lane in range(sched.lanes):
+        if sched.reset[o, lane]:
+          state[lane] = 0
+        used = sched.idx[o, lane][sched.sign[o, lane] != 0]
+        assert (0 <= step_of[used]).all() and (step_of[used] < step).all()
+        np.add.at(state[lane], sched.idx[o, lane], sched.sign[o, lane])
+    for lane in np.flatnonzero(sched.active[step]):
+      t = int(sched.token[step, lane])
+      assert step_of[t] == -1  # drawn once
+      pos, k = divmod(t, tp)
+      expected = np.zeros(num_tok)
+      for qi, qj, kk in reference_context(height, width, tp, gamma, raster,
+                                          pos, k):
+        q = (qi * width + qj) * tp + kk
+        expected[q] = 1
+        assert 0 <= step_of[q] < step  # drawn at an earlier step
+      np.testing.assert_array_equal(state[lane], expected)
+      assert step == wavefront_index(width, gamma, pos) * tp + k
+      assert lane == (pos // width) % sched.lanes
+      step_of[t] = step
+  assert (step_of >= 0).all()  # every token drawn
+
+
+def test_wavefront_step_counts():
+  assert kernel_schedule.wavefront_steps(32, 32, 1, 5) == 218
+  assert kernel_schedule.wavefront_steps(8, 8, 2, 5) == 2 * (8 + 7 * 6)
+  for gamma in (31, 40, None, "global"):  # raster order: one position a step
+    assert kernel_schedule.wavefront_steps(32, 32, 1, gamma) == 1024
+    assert kernel_schedule.wavefront_lanes(32, gamma) == 1
+  assert kernel_schedule.wavefront_lanes(32, 5) == 6
+  sched = kernel_schedule.build_wavefront_schedule(8, 8, 2, 5, group=7,
+                                                   max_tokens=9)
+  assert sched.active.sum() <= 9 and sched.num_steps == 9  # one token a step
+
+
+# Wavefront and raster decoding form each histogram from the same context with
+# the same float operations and shapes per lane, so on CPU the histograms are
+# bitwise equal and no draw can flip (measured: 0 differing tokens in every
+# case below). Elsewhere a different summation order could change round-off;
+# then a draw may flip only at a near-tie, allowed for at most 1% of tokens.
+@pytest.mark.parametrize(
+    "num,height,width,tp,group,sigma_s,gamma,samples",
+    [(40, 4, 5, 1, 3, 0.7, 1, 3),
+     (30, 3, 4, 2, 2, 0.5, 0, 1),
+     (50, 5, 7, 2, 3, 0.6, 2, 4),
+     (35, 4, 6, 1, 4, 0.4, 2, 2),
+     (45, 3, 4, 2, 3, 0.5, 9, 3),           # gamma > W: raster order
+     (25, 6, 3, 1, 3, 0.3, "global", 2),
+     (60, 7, 9, 1, 3, 0.5, 1, 5)])
+def test_wavefront_equals_raster(num, height, width, tp, group, sigma_s,
+                                 gamma, samples):
+  rng = np.random.default_rng(num + width)
+  bank = rng.integers(0, 2**group, (num, height, width, tp))
+  key = jax.random.key(num)
+  common = dict(group=group, sigma_s=sigma_s, gamma=gamma, chunk_size=16)
+  for temperature in (1.0, 0.0):
+    raster = np.asarray(kernel.kernel_sample(
+        bank, num_samples=samples, rng=key, temperature=temperature,
+        **common))
+    front = np.asarray(kernel.kernel_sample(
+        bank, num_samples=samples, rng=key, temperature=temperature,
+        order="wavefront", **common))
+    h_raster = np.asarray(kernel.kernel_histograms(bank, raster, **common))
+    h_front = np.asarray(kernel.kernel_histograms(bank, raster,
+                                                  order="wavefront", **common))
+    np.testing.assert_allclose(h_front, h_raster, atol=1e-6, rtol=1e-5)
+    flips = int((front != raster).sum())
+    if jax.default_backend() == "cpu":
+      np.testing.assert_array_equal(h_front, h_raster)
+    if np.array_equal(h_front, h_raster):
+      assert flips == 0
+    else:
+      assert flips <= 0.01 * raster.size
+
+
+def test_wavefront_batched_product_equals_lane_products(monkeypatch):
+  # Accelerators run the lanes' updates as one batched product, CPU as L
+  # products (kernel_wavefront.lane_dots_default); both are exact.
+  rng = np.random.default_rng(4)
+  bank = rng.integers(0, 8, (40, 4, 7, 2))
+  common = dict(group=3, sigma_s=0.5, gamma=1, chunk_size=16,
+                num_samples=2, rng=jax.random.key(5))
+  lanes = np.asarray(kernel.kernel_sample(bank, order="wavefront", **common))
+  monkeypatch.setattr(kernel_wavefront, "lane_dots_default", lambda mesh: False)
+  batched = np.asarray(kernel.kernel_sample(bank, order="wavefront", **common))
+  np.testing.assert_array_equal(batched, lanes)
+  np.testing.assert_array_equal(
+      batched, np.asarray(kernel.kernel_sample(bank, **common)))
+
+
+def test_wavefront_sharded_and_sampler_equal_raster():
+  mesh = mesh8()
+  rng = np.random.default_rng(3)
+  group, sigma_s, gamma = 3, 0.6, 1
+  bank = rng.integers(0, 2**group, (101, 5, 6, 2))  # padding on 8 devices
+  key = jax.random.key(8)
+  common = dict(group=group, sigma_s=sigma_s, gamma=gamma, num_samples=3,
+                rng=key)
+  raster = np.asarray(kernel.kernel_sample(bank, chunk_size=1000, **common))
+  front = np.asarray(kernel.kernel_sample(bank, chunk_size=5, mesh=mesh,
+                                          order="wavefront", **common))
+  np.testing.assert_array_equal(front, raster)
+  # max_tokens keeps whole steps: their tokens are raster's, the rest 0.
+  part = np.asarray(kernel.kernel_sample(bank, chunk_size=16, max_tokens=10,
+                                         order="wavefront", **common))
+  sched = kernel_schedule.build_wavefront_schedule(5, 6, 2, gamma, group,
+                                                   max_tokens=10)
+  drawn = np.zeros(5 * 6 * 2, bool)
+  drawn[sched.token[sched.active]] = True
+  flat_part, flat_raster = part.reshape(3, -1), raster.reshape(3, -1)
+  np.testing.assert_array_equal(flat_part[:, drawn], flat_raster[:, drawn])
+  assert (flat_part[:, ~drawn] == 0).all() and 0 < drawn.sum() <= 10
+  # The sampler interface passes the order through.
+  from mesp_jax.sample import samplers
+  prepared = kernel.prepare_bank(bank, group=group, chunk_size=8, mesh=mesh)
+  tokens = {}
+  for order in ("raster", "wavefront"):
+    sampler = samplers.KernelSampler(prepared, sigma_s=sigma_s, gamma=gamma,
+                                     order=order)
+    tokens[order], _ = samplers.draw(sampler, key, 4, 2)
+  np.testing.assert_array_equal(tokens["wavefront"], tokens["raster"])
+
+
+def test_wavefront_memory_has_one_state_per_lane():
+  bank = kernel.prepare_bank(np.zeros((256, 8, 8, 2), np.int32), group=7,
+                             chunk_size=64)
+  raster = kernel.kernel_memory_bytes(bank, 4, 7)
+  front = kernel.kernel_memory_bytes(bank, 4, 7, lanes=2)
+  assert front["state"] == 2 * raster["state"] == 2 * 256 * 4 * 4
+  assert front["chunk_temporaries"] == 2 * raster["chunk_temporaries"]

@@ -42,7 +42,9 @@ How it is evaluated exactly, but fast:
 * The whole generation is one jitted program (``lax.scan`` over the steps, a
   ``fori_loop`` over a step's extra ops and over the chunks); the token of
   sample s at sequence index t is drawn with the key
-  ``fold_in(fold_in(rng, s), t)``, independent of the device count.
+  ``fold_in(fold_in(rng, s), t)``, independent of the device count and order.
+  order='wavefront' draws raster order's tokens in ``Tp (W + (H-1)(gamma+1))``
+  steps, one state per lane of rows (:mod:`mesp_jax.sample.kernel_wavefront`).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ from mesp_jax.base.sharding import (
   make_mesh,
   shard_map,
 )
+from mesp_jax.sample import kernel_wavefront
 from mesp_jax.sample.kernel_schedule import (
+  LaneSchedule,
   Schedule,
-  build_schedule,
-  generation_order,
+  plan_schedule,
 )
 
 # ---------------------------------------------------------------------------
@@ -191,25 +194,27 @@ def prepare_bank(bank_tokens: np.ndarray | jax.Array, *, group: int,
 
 
 def kernel_memory_bytes(bank: KernelBank, num_samples: int,
-                        schedule_width: int, teacher_forcing: bool = False
-                        ) -> dict[str, int]:
+                        schedule_width: int, teacher_forcing: bool = False,
+                        lanes: int | None = None) -> dict[str, int]:
   """Analytic per-device peak memory of the sampling program (bytes).
 
-  Returns a dict with the bank slice, the [N_local, S] state and the
-  chunk-sized temporaries (independent of N), and their sum 'total'.
+  Returns a dict with the bank slice, the [N_local, S] state (one per lane
+  for wavefront order, ``lanes=L``) and the chunk-sized temporaries
+  (independent of N), and their sum 'total'.
   """
   height, width, tp = bank.grid
   num_tok = height * width * tp
   nc, c, s, g = bank.chunks_per_device, bank.chunk, num_samples, bank.group
   itemsize = np.dtype(bank.chunks.dtype).itemsize
+  num_lanes, cols = (1, num_tok) if lanes is None else (lanes, num_tok + 1)
   out = {
       "bank": nc * c * num_tok * itemsize + nc * c,
-      "state": nc * c * s * 4,
+      "state": nc * c * s * 4 * num_lanes,
       # bits [K g, c] bf16 (+ int32 unpack); product, new state, weights and
       # their transpose [S, c]; bank row ids [c]; the histogram [V, S].
-      "chunk_temporaries": (c * schedule_width * g * (2 + 4) + 4 * c * s * 4 +
-                            c * 4 + 2**g * s * 4),
-      "samples": s * num_tok * 4 * (1 + (2**g if teacher_forcing else 0)),
+      "chunk_temporaries": num_lanes * (c * schedule_width * g * (2 + 4) +
+                                        4 * c * s * 4 + c * 4 + 2**g * s * 4),
+      "samples": s * cols * 4 * (1 + (2**g if teacher_forcing else 0)),
   }
   out["total"] = sum(out.values())
   return out
@@ -339,9 +344,9 @@ def _replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
                                       lambda i: x[i])
 
 
-def _run(bank: KernelBank, schedule: Schedule, *, sigma_s: float,
-         num_samples: int, rng: jax.Array, forced: np.ndarray | None,
-         temperature: float):
+def _run(bank: KernelBank, schedule: Schedule | LaneSchedule, *,
+         sigma_s: float, num_samples: int, rng: jax.Array,
+         forced: np.ndarray | None, temperature: float):
   """Runs the device program; returns ([S, T] tokens, [S, T, V] or [0])."""
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -359,13 +364,20 @@ def _run(bank: KernelBank, schedule: Schedule, *, sigma_s: float,
     key_data = np.asarray(jax.random.key_data(rng))
   else:
     key_impl, key_data = None, np.asarray(rng)
-  host = (schedule.idx, schedule.sign, schedule.reset, schedule.first,
-          schedule.count, schedule.token, forced, key_data,
-          np.float32(_weight_scale(sigma_s)),
-          kernel_matrix(bank.group, sigma_s).astype(np.float32),
-          np.float32(min(1.0 / temperature, 1e30) if temperature > 0 else 0.0))
-  program = _compiled_program(bank.mesh, num_samples, bank.group,
-                              teacher, key_impl)
+  steps = (schedule.idx, schedule.sign, schedule.reset, schedule.first,
+           schedule.count, schedule.token)
+  if isinstance(schedule, LaneSchedule):  # wavefront order
+    steps += (schedule.active,)
+    program = kernel_wavefront.compiled_lane_program(
+        bank.mesh, num_samples, bank.group, teacher, key_impl,
+        kernel_wavefront.lane_dots_default(bank.mesh))
+  else:
+    program = _compiled_program(bank.mesh, num_samples, bank.group,
+                                teacher, key_impl)
+  host = steps + (
+      forced, key_data, np.float32(_weight_scale(sigma_s)),
+      kernel_matrix(bank.group, sigma_s).astype(np.float32),
+      np.float32(min(1.0 / temperature, 1e30) if temperature > 0 else 0.0))
   return program(bank.chunks, bank.valid,
                  *[_replicate(x, bank.mesh) for x in host])
 
@@ -401,23 +413,24 @@ def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
     rng: PRNG key. Token t of sample s uses ``fold_in(fold_in(rng, s), t)``;
       order='random' draws the order from ``fold_in(rng, ORDER_SALT)``
       (:mod:`mesp_jax.sample.kernel_schedule`).
-    order: 'raster', 'random' or an explicit permutation of the H*W positions.
+    order: 'raster', 'random', an explicit permutation of the H*W positions,
+      or 'wavefront' (raster order's tokens, several positions a step).
     temperature: tokens are drawn from ``p(v)^(1/temperature)`` (normalised);
       0 takes the most likely token.
     chunk_size: bank entries processed at once per device (bounds memory).
     mesh: ('data', 'fsdp') mesh; the bank is split over all its devices.
       None: one device.
     max_tokens: generate only the first ``max_tokens`` tokens of the order
-      (the rest stay 0); for timing slices.
+      (the rest stay 0); for timing slices. For 'wavefront', the first steps
+      that hold at most ``max_tokens`` tokens (at least one step).
 
   Returns:
     [S, H, W, Tp] int32 tokens (replicated over the mesh).
   """
   bank = _as_bank(bank_tokens, group, chunk_size, mesh)
   height, width, tp = bank.grid
-  positions = generation_order(height, width, order, rng)
-  schedule = build_schedule(height, width, tp, gamma, positions, group,
-                            max_tokens=max_tokens)
+  schedule = plan_schedule(height, width, tp, gamma, order, group, rng,
+                           max_tokens=max_tokens)
   samples, _ = _run(bank, schedule, sigma_s=sigma_s, num_samples=num_samples,
                     rng=rng, forced=None, temperature=temperature)
   return samples.reshape(num_samples, height, width, tp)
@@ -449,8 +462,7 @@ def kernel_histograms(bank_tokens: np.ndarray | jax.Array | KernelBank,
     raise ValueError(f"context_tokens {ctx.shape} do not match the bank grid "
                      f"{bank.grid}")
   num_samples = ctx.shape[0]
-  positions = generation_order(height, width, order, rng)
-  schedule = build_schedule(height, width, tp, gamma, positions, group)
+  schedule = plan_schedule(height, width, tp, gamma, order, group, rng)
   _, hists = _run(bank, schedule, sigma_s=sigma_s, num_samples=num_samples,
                   rng=jax.random.key(0), forced=ctx, temperature=1.0)
   return hists.reshape(num_samples, height, width, tp, 2**group)
