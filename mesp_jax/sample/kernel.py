@@ -299,12 +299,7 @@ def _local_program(chunks, valid, idx, sign, reset, first, count, token,
     if teacher:
       hists = jax.lax.dynamic_update_index_in_dim(hists, p, t, 1)
     else:
-      # inv_temp = 0 encodes temperature 0: the most likely token.
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(sample_keys)
-      logits = jnp.log(p) * jnp.where(inv_temp > 0, inv_temp, 1.0)
-      tok = jnp.where(inv_temp > 0,
-                      jax.vmap(jax.random.categorical)(keys, logits),
-                      jnp.argmax(p, axis=-1)).astype(jnp.int32)
+      tok = kernel_wavefront.draw_from_histogram(p, t, sample_keys, inv_temp)
       samples = jax.lax.dynamic_update_index_in_dim(samples, tok, t, 1)
     return (state, samples, hists), None
 

@@ -41,6 +41,21 @@ from mesp_jax.base.sharding import DATA_AXES, SHARD_MAP_CHECK_KW, shard_map
 _RNG_ARG = 10
 
 
+def draw_from_histogram(p: jax.Array, t: jax.Array, sample_keys: jax.Array,
+                        inv_temp: jax.Array) -> jax.Array:
+  """Token ``t`` of every sample from its histogram ``p`` [S, V]: [S] int32.
+
+  Sample ``s`` draws with ``fold_in(sample_keys[s], t)`` whatever the order
+  (raster or wavefront); ``inv_temp = 0`` encodes temperature 0 (the most
+  likely token).
+  """
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(sample_keys)
+  logits = jnp.log(p) * jnp.where(inv_temp > 0, inv_temp, 1.0)
+  return jnp.where(inv_temp > 0,
+                   jax.vmap(jax.random.categorical)(keys, logits),
+                   jnp.argmax(p, axis=-1)).astype(jnp.int32)
+
+
 def _lane_program(chunks, valid, idx, sign, reset, first, count, token, active,
                   forced, rng, a_w, kmat, inv_temp, *, num_samples: int,
                   group: int, teacher: bool, lane_dots: bool):
@@ -115,12 +130,7 @@ def _lane_program(chunks, valid, idx, sign, reset, first, count, token, active,
     if teacher:
       hists = jax.lax.dynamic_update_index_in_dim(hists, p, col, 1)
     else:
-      # inv_temp = 0 encodes temperature 0: the most likely token.
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(sample_keys)
-      logits = jnp.log(p) * jnp.where(inv_temp > 0, inv_temp, 1.0)
-      tok = jnp.where(inv_temp > 0,
-                      jax.vmap(jax.random.categorical)(keys, logits),
-                      jnp.argmax(p, axis=-1)).astype(jnp.int32)
+      tok = draw_from_histogram(p, t, sample_keys, inv_temp)
       samples = jax.lax.dynamic_update_index_in_dim(samples, tok, col, 1)
     return (samples, hists), None
 
