@@ -50,6 +50,7 @@ drive it. The mask, the window and the wavefront order live in
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -352,6 +353,14 @@ def init_cache(model: ARVM, batch: int, entries: int) -> dict[str, Any]:
                   "v": jnp.zeros(shape, model.dtype)}
                  for _ in range(model.num_layers))
   return {"slots": jnp.full((length,), -1, jnp.int32), "layers": layers}
+
+
+def cache_nbytes(model: ARVM, batch: int, entries: int) -> int:
+  """Bytes of :func:`init_cache` ``(model, batch, entries)``: keys, values and
+  slot tags, from the shapes alone."""
+  shapes = jax.eval_shape(lambda: init_cache(model, batch, entries))
+  return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
+             for s in jax.tree.leaves(shapes))
 
 
 # ----------------------------------------------------------------------------

@@ -121,10 +121,7 @@ def cache_bytes(model: arvm_lib.ARVM, num_samples: int, cache: str = "ring",
   if cache == "none":
     return 0
   rows = num_samples * (2 if cfg_scale > 0 else 1)
-  shapes = jax.eval_shape(
-      lambda: arvm_lib.init_cache(model, rows, cache_entries(model, cache)))
-  return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
-             for s in jax.tree.leaves(shapes))
+  return arvm_lib.cache_nbytes(model, rows, cache_entries(model, cache))
 
 
 # ----------------------------------------------------------------------------

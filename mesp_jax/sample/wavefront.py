@@ -50,16 +50,12 @@ def cache_bytes(model: arvm_lib.ARVM, num_samples: int,
   """Bytes of the wavefront cache (keys, values, slot tags) for a batch;
   two rows per sample when guiding."""
   rows = num_samples * (2 if cfg_scale > 0 else 1)
-  shapes = jax.eval_shape(
-      lambda: arvm_lib.init_cache(model, rows, cache_entries(model)))
-  return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
-             for s in jax.tree.leaves(shapes))
+  return arvm_lib.cache_nbytes(model, rows, cache_entries(model))
 
 
 def num_steps(model: arvm_lib.ARVM) -> int:
   """Sequential decoding steps: ``Tp * (W + (H - 1) * (gamma' + 1))``."""
-  return int(arvm_geometry.wavefront_schedule(
-      model.height, model.width, model.tokens_per_pos, model.gamma).shape[0])
+  return int(plan(model)["query"].shape[0])
 
 
 @functools.lru_cache(maxsize=32)
