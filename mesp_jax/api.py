@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from mesp_jax.base import config as config_lib
 from mesp_jax.base import sharding
 from mesp_jax.base.gamma import parse_gamma
-from mesp_jax.data.tokens import load_bank
+from mesp_jax.data.tokens import has_tokens, load_bank
 from mesp_jax.models.blae import BLAE, encode_tokens
 from mesp_jax.sample import kernel as kernel_lib
 from mesp_jax.sample import samplers
@@ -151,11 +151,11 @@ def load_generator(run_dir: str, *, kind: str = "auto", mesh: Mesh | None = None
     sampler = samplers.NeuralSampler(model, params, mesh, **settings)
   elif kind == "kernel":
     tokens_dir = next((d for d in (run_dir, os.path.join(run_dir, "tokens"))
-                       if os.path.exists(os.path.join(d, "tokens_train.npz"))),
-                      None)
+                       if has_tokens(d, "train")), None)  # .json or .npz
     if tokens_dir is None:
       raise FileNotFoundError(
-          f"no tokens_train.npz in {run_dir} or {run_dir}/tokens: the kernel "
+          f"no tokens_train.json (or legacy tokens_train.npz) in {run_dir} or "
+          f"{run_dir}/tokens: the kernel "
           f"ARVM's bank is the 'blae_encode' output of the training split")
     temperature = float(settings.pop("temperature", 1.0))
     config = _kernel_config(tokens_dir, blae_workdir, settings)
