@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m mesp_jax.bench {sampler,kernel,train} [args]``.
+"""Benchmarks: ``python -m mesp_jax.bench {sampler,kernel,train,data} [args]``.
 
 Each benchmark warms up, times with ``block_until_ready`` and prints a table.
 Use ``python -m mesp_jax.bench NAME --help`` for a benchmark's arguments.
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "sampler": "mesp_jax.benchmarks.sampler",  # neural ARVM decoding
     "kernel": "mesp_jax.benchmarks.kernel",    # kernel ARVM sampling
     "train": "mesp_jax.benchmarks.train",      # BL-AE / ARVM train step
+    "data": "mesp_jax.benchmarks.data",        # grain input pipeline
 }
 
 

@@ -7,11 +7,19 @@ Intentionally only flags; the work happens in the stage named by
 
 from __future__ import annotations
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mesp_jax import stages
+from mesp_jax.base.config import ConfigError
+from mesp_jax.data import DataNotFoundError
+from mesp_jax.train.checkpoint import CheckpointMismatchError
+
+# Errors whose message tells the user what to do (printed without traceback).
+USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointMismatchError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with ':variant'.",
@@ -42,7 +50,12 @@ def main(argv):
   logging.info("JAX process %d/%d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  stages.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    stages.run(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    # Something the user can fix: the message says what; no traceback.
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import os
 import ml_collections
 
 from mesp_jax.base.schema import (
+    COUNT,
     SCHEMA,
     STAGE_SECTIONS,
     TOP_LEVEL,
@@ -221,12 +222,15 @@ def _rules_mesp(config, **_):
 
 
 def _check_pipeline(config) -> None:
-  for key in sorted(set(config.keys()) - {"stage", "reencode", "blae",
-                                          "arvm"}):
+  fields = {"stage", "reencode", "blae", "arvm", "evaluate_train_examples"}
+  for key in sorted(set(config.keys()) - fields):
     raise ConfigError(f"config.{key} is not a field of a pipeline config "
-                      f"(fields: stage, reencode, blae, arvm)")
+                      f"(fields: {', '.join(sorted(fields))})")
   if flag(config.get("reencode", False)):
     raise ConfigError("config.reencode must be True or False")
+  if COUNT(config.get("evaluate_train_examples", 0)):
+    raise ConfigError("config.evaluate_train_examples must be an int >= 0 "
+                      "(0: every training latent)")
   # The sub-stages check their own configs when they run; check the parts
   # that do not depend on upstream outputs now, before hours of training.
   validate(config.blae, "blae")

@@ -120,6 +120,11 @@ ARCHITECTURE = _fields(
     channel_mult=((1,), sequence(POSITIVE, 1), "width multiplier per stage"),
     conv=("xla", choice("xla", "im2col", "auto"),
           "convolution implementation (same parameters and results)"),
+    norm=("none", choice("none", "group"),
+          "residual blocks with GroupNorm (VQGAN-style) or none"),
+    num_groups=(32, POSITIVE, "GroupNorm groups (norm='group')"),
+    dtype=("float32", choice("float32", "bfloat16"),
+           "compute dtype; parameters stay float32"),
 )
 
 SCHEMA: dict[str, dict[str, Field]] = {
@@ -128,9 +133,22 @@ SCHEMA: dict[str, dict[str, Field]] = {
         fsdp=(1, POSITIVE, "fsdp axis size"),
         min_fsdp_size_mb=(4.0, number(0), "smallest tensor fsdp shards")),
     "data": _fields(
-        name=("fashion_mnist", text, "fashion_mnist, mnist, cifar10, ..."),
+        name=("fashion_mnist", text,
+              "fashion_mnist, mnist, cifar10, celeb_a, imagenet2012, folder"),
         image_size=(32, POSITIVE, ""),
-        data_dir=("", text, "tfds data dir ('' = default)"),
+        data_dir=("", text, "tfds data dir ('' = default); for 'folder' the "
+                  "root (one sub-folder per class, optional split folders)"),
+        channels=(0, choice(0, 1, 3), "0: the data set's own (folder: 3)"),
+        pipeline=("auto", choice("auto", "grain", "memory"),
+                  "auto: grain for encoded images (imagenet2012, folder), "
+                  "the in-memory loader for the small sets"),
+        workers=(0, COUNT, "grain decode processes (0: in this process)"),
+        augment=("none", choice("none", "inception"),
+                 "training crops: none (resize-small + centre crop) or "
+                 "Inception random-resized crop"),
+        crop_min_scale=(0.08, number(0, above=True, hi=1),
+                        "smallest crop area share (augment=inception)"),
+        flip=(True, flag, "random horizontal flips (augment=inception)"),
         fashion_mnist_dir=("/usr/share/datasets/fashion-mnist", text, ""),
         train_split=("train", text, ""), eval_split=("test", text, ""),
         eval_examples=(0, COUNT, "0: the whole eval split")),
@@ -150,7 +168,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         visualize_every=(0, COUNT, "0: with eval"),
         keep_checkpoints=(3, POSITIVE, ""),
         async_checkpoint=(True, flag, ""), tensorboard=(True, flag, ""),
-        eval_batch_size=(256, POSITIVE, "")),
+        eval_batch_size=(256, POSITIVE, ""),
+        grad_accum_steps=(1, POSITIVE, "micro-batches per step (sums to "
+                          "batch_size)"),
+        ema_decay=(0.0, number(0, hi=1, below=True),
+                   "0: off; else EMA of the parameters, used for eval, "
+                   "encoding and sampling")),
     "blae": dict(ARCHITECTURE, **_fields(
         sigma=(1.0, number(0), "training noise"),
         sigma_start=(1.0, number(0), "noise at step 0 (linear ramp)"),

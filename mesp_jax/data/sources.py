@@ -177,10 +177,41 @@ class TfdsSource:
 def source_from_config(data_cfg, split: str):
   """``get_source`` for a ``config.data`` section (name, image_size, dirs)."""
   kw = dict(image_size=data_cfg.image_size,
-            data_dir=data_cfg.get("data_dir") or None)
+            data_dir=data_cfg.get("data_dir") or None,
+            channels=data_cfg.get("channels", 0))
   if data_cfg.get("fashion_mnist_dir"):
     kw["fashion_mnist_dir"] = data_cfg.fashion_mnist_dir
   return get_source(data_cfg.name, split, **kw)
+
+
+def train_loader(data_cfg, source, global_batch_size: int, seed: int):
+  """The training batches of ``source`` for a ``config.data`` section.
+
+  ``data.pipeline='auto'`` reads encoded images (imagenet2012, folder)
+  through grain (:class:`~mesp_jax.data.pipeline.GrainLoader`: workers,
+  crops) and the small in-memory sets through the in-memory
+  :class:`~mesp_jax.data.loader.Loader`; 'grain' or 'memory' force one.
+  Both give the same batch format and checkpointable position.
+  """
+  from mesp_jax.data.loader import Loader
+  from mesp_jax.data.pipeline import GrainLoader
+  from mesp_jax.data.records import ArrayRecords
+  choice = data_cfg.get("pipeline", "auto")
+  records = getattr(source, "records", None)
+  if choice == "memory" or (choice == "auto" and records is None):
+    if records is not None:
+      raise ValueError(
+          f"config.data.pipeline='memory' needs an in-memory data set; "
+          f"{data_cfg.name!r} holds encoded images: use 'grain' or 'auto'")
+    return Loader(source, global_batch_size, seed)
+  if records is None:
+    records = ArrayRecords(source)
+  return GrainLoader(
+      records, image_size=data_cfg.image_size,
+      channels=source.image_shape[-1], global_batch_size=global_batch_size,
+      seed=seed, augment=data_cfg.get("augment", "none"),
+      min_scale=data_cfg.get("crop_min_scale", 0.08),
+      flip=data_cfg.get("flip", True), workers=data_cfg.get("workers", 0))
 
 
 def train_eval_sources(data_cfg):
@@ -189,24 +220,51 @@ def train_eval_sources(data_cfg):
           source_from_config(data_cfg, data_cfg.get("eval_split", "test")))
 
 
-def image_channels(name: str) -> int:
-  """Channels of a supported data set's images (1 grey, 3 RGB)."""
+def image_channels(name: str, channels: int = 0) -> int:
+  """Channels of a data set's images (1 grey, 3 RGB); ``channels`` (the
+  ``config.data.channels`` field, 0 = the set's own) overrides it."""
+  if channels:
+    return int(channels)
   return 1 if name in ("fashion_mnist", "mnist") else 3
+
+
+def data_channels(data_cfg) -> int:
+  """:func:`image_channels` of a ``config.data`` section."""
+  return image_channels(data_cfg.name, data_cfg.get("channels", 0))
 
 
 def get_source(name: str, split: str, *, image_size: int = 32,
                data_dir: str | None = None,
-               fashion_mnist_dir: str = DEBIAN_FASHION_MNIST):
+               fashion_mnist_dir: str = DEBIAN_FASHION_MNIST,
+               channels: int = 0):
   """Returns a random-access source for ``name``/``split``.
+
+  ``imagenet2012`` and ``folder`` give an
+  :class:`~mesp_jax.data.records.ImageSource` (centre crops for ``read``;
+  its ``records`` feed the grain training pipeline).
 
   Raises:
     DataNotFoundError: quickly (no network retries) with preparation steps.
     ValueError: unknown dataset or split.
   """
-  if name not in DATASETS:
+  from mesp_jax.data import records as records_lib
+  if name not in DATASETS + ("folder",):
     raise ValueError(f"config.data.name={name!r} is not supported; choose one "
-                     f"of {list(DATASETS)}")
+                     f"of {list(DATASETS) + ['folder']}")
+  if name == "folder":
+    if not data_dir:
+      raise DataNotFoundError(
+          "config.data.name='folder' needs config.data.data_dir: a directory "
+          "with one sub-folder per class")
+    return records_lib.ImageSource(records_lib.FolderRecords(data_dir, split),
+                                   image_size, image_channels(name, channels))
   data_dir = data_dir or default_tfds_dir()
+  if name == "imagenet2012":
+    if _tfds_build_dir(name, data_dir) is None:
+      raise DataNotFoundError(_prepare_hint(name, data_dir))
+    return records_lib.ImageSource(
+        records_lib.TfdsRecords(name, split, data_dir), image_size,
+        image_channels(name, channels))
   if name == "fashion_mnist":
     source = _fashion_mnist_debian(split, fashion_mnist_dir)
     if source is not None:

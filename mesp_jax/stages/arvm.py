@@ -16,14 +16,61 @@ import numpy as np
 
 from mesp_jax.base import config as config_lib
 from mesp_jax.base import io, sharding
+from mesp_jax.data import DataNotFoundError
+from mesp_jax.data.sources import _tfds_build_dir, default_tfds_dir
 from mesp_jax.sample import samplers
 from mesp_jax.train import arvm, blae, loop
 
 GRID_SAMPLES = 16
 
 
+def _token_paths(tokens_dir: str, split: str) -> list[str]:
+  return [os.path.join(tokens_dir, f"tokens_{split}{ext}")
+          for ext in (".json", ".npz")]
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before any model is built, when the tokens are missing.
+
+  The message gives the exact commands that make them, from the data set's
+  preparation on (for ImageNet: prepare, BL-AE, encode).
+  """
+  tokens_dir = config.inputs.tokens_dir
+  split = config.tokens.get("train_split", "train")
+  if any(os.path.exists(p) for p in _token_paths(tokens_dir, split)):
+    return
+  blae_dir = config.inputs.get("blae_workdir") or "runs/blae"
+  steps = []
+  if config.arvm.num_classes == 1000:  # the ImageNet configs
+    tfds_dir = default_tfds_dir()
+    if _tfds_build_dir("imagenet2012", tfds_dir) is None:
+      steps.append(
+          f"prepare ImageNet (not found in {tfds_dir}; needs the ILSVRC2012 "
+          f"train and validation tars from image-net.org and, for this one "
+          f"step, TensorFlow: pip install tensorflow-cpu):\n"
+          f"     python -m mesp_jax.data.prepare --dataset=imagenet2012 "
+          f"--manual_dir=DIR_WITH_TARS --data_dir={tfds_dir}")
+    blae_cfg = "configs/blae_imagenet.py"
+  else:
+    blae_cfg = "configs/blae_<dataset>.py"
+  if not os.path.exists(os.path.join(blae_dir, "blae_config.json")):
+    steps.append(f"train the BL-AE:\n     python -m mesp_jax.main "
+                 f"--config={blae_cfg} --workdir={blae_dir}")
+  steps.append(f"encode the splits into tokens:\n     python -m mesp_jax.main "
+               f"--config={blae_cfg} --config.stage=blae_encode "
+               f"--config.inputs.blae_workdir={blae_dir} --workdir={tokens_dir}")
+  steps.append("rerun this command (or run configs/imagenet_pipeline.py, "
+               "which does every step into one workdir)")
+  listing = "\n".join(f"  {i}. {s}" for i, s in enumerate(steps, 1))
+  raise DataNotFoundError(
+      f"no ARVM training tokens: {_token_paths(tokens_dir, split)[0]} does "
+      f"not exist (config.inputs.tokens_dir={tokens_dir!r}). To make them:\n"
+      f"{listing}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
   config_lib.validate(config, "arvm")
+  check_inputs(config)
   mesh = sharding.mesh_from_config(config)
   train_src, _ = arvm.token_sources(config)
   blae_dir = arvm.blae_workdir_for(config, train_src)

@@ -26,18 +26,22 @@ import numpy as np
 from mesp_jax import stages
 from mesp_jax.base import config as config_lib
 from mesp_jax.base import io
+from mesp_jax.data import tokens as tokens_lib
+from mesp_jax.data.sample_set import SampleSet
+from mesp_jax.eval import memorization
 from mesp_jax.train.metrics import read_metrics
 
 
-def _tokens_current(tokens_dir: str, blae_step: int) -> bool:
-  """True if both token files exist and came from the BL-AE's final step."""
-  for split in ("train", "test"):
-    path = os.path.join(tokens_dir, f"tokens_{split}.npz")
-    if not os.path.exists(path):
+def _tokens_current(tokens_dir: str, blae_step: int,
+                    splits: tuple[str, ...] = ("train", "test")) -> bool:
+  """True if both splits' tokens (manifest ``tokens_{split}.json`` or legacy
+  npz) exist and came from the BL-AE's final step."""
+  for split in splits:
+    if not tokens_lib.has_tokens(tokens_dir, split):
       return False
-    with np.load(path) as f:
-      if int(f["checkpoint_step"]) != blae_step:
-        return False
+    path = tokens_lib.tokens_path(tokens_dir, split)
+    if tokens_lib.read_info(path)["checkpoint_step"] != blae_step:
+      return False
   return True
 
 
@@ -68,16 +72,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timings["blae_s"] = time.time() - t0
 
   t = time.time()
-  if not _tokens_current(dirs["tokens"], int(blae_cfg.train.num_steps)) or \
-      config.get("reencode", False):
+  splits = (blae_cfg.data.get("train_split", "train"),
+            blae_cfg.data.get("eval_split", "test"))
+  if not _tokens_current(dirs["tokens"], int(blae_cfg.train.num_steps),
+                         splits) or config.get("reencode", False):
     enc_cfg = _with(blae_cfg, "blae_encode", blae_workdir=dirs["blae"])
-    enc_cfg.encode.splits = ("train", "test")
+    enc_cfg.encode.splits = splits
     stages.run(enc_cfg, dirs["tokens"])
   timings["encode_s"] = time.time() - t
 
   t = time.time()
   arvm_cfg = _with(config.arvm, "arvm", tokens_dir=dirs["tokens"],
                    blae_workdir=dirs["blae"])
+  arvm_cfg.tokens.update(train_split=splits[0], eval_split=splits[1])
   stages.run(arvm_cfg, dirs["arvm"])
   timings["arvm_s"] = time.time() - t
 
@@ -86,12 +93,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_cfg.sampler.kind = "neural"
   samples = stages.run(sample_cfg, dirs["samples"])
   timings["sample_s"] = time.time() - t
+
+  t = time.time()
+  memorisation = evaluate_copies(
+      samples["npz"], tokens_lib.tokens_path(dirs["tokens"], splits[0]),
+      int(config.get("evaluate_train_examples", 0)))
+  timings["evaluate_s"] = time.time() - t
   timings["total_s"] = time.time() - t0
 
   report = {
       "blae_eval": _last(read_metrics(dirs["blae"]), "eval"),
       "arvm_eval": _last(read_metrics(dirs["arvm"]), "eval"),
-      "samples": samples, "timings": timings,
+      "samples": samples, "memorisation": memorisation, "timings": timings,
       "blae_config": blae_cfg.to_dict(), "arvm_config": arvm_cfg.to_dict(),
   }
   io.write_json(os.path.join(workdir, "report.json"), report)
@@ -103,12 +116,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return report
 
 
+def evaluate_copies(samples_path: str, train_tokens: str, limit: int = 0
+                    ) -> dict:
+  """How close the samples' latents are to the training latents.
+
+  The nearest training latent of every sample by exact Hamming distance
+  (over the first ``limit`` training examples; 0: all), the share of exact
+  copies and of samples within 1 % of the bits (the latent copy rate).
+  """
+  sample_set = SampleSet.load(samples_path)
+  bank = tokens_lib.TokenSource(train_tokens, sample_set.group)
+  n = len(bank) if not limit else min(limit, len(bank))
+  bank_tokens = bank.read(np.arange(n))["tokens"]  # [n, h, w, Tp]
+  _, hamming = memorization.nearest_latents(sample_set.tokens, bank_tokens,
+                                            sample_set.group)
+  total_bits = int(np.prod(bank_tokens.shape[1:])) * sample_set.group
+  return {
+      "train_examples": int(n), "bits_per_latent": total_bits,
+      "exact_copy_rate": float(np.mean(hamming == 0)),
+      "latent_copy_rate": memorization.latent_copy_rate(hamming, total_bits),
+      "hamming_fraction_quantiles": memorization.psnr_quantiles(
+          hamming / total_bits),
+      "num_samples": len(sample_set),
+      "classes_sampled": int(np.unique(
+          sample_set.labels[sample_set.labels >= 0]).size),
+  }
+
+
 def _markdown(report: dict) -> str:
   b, a, t = report["blae_eval"], report["arvm_eval"], report["timings"]
+  m = report["memorisation"]
+  median_hamming = m["hamming_fraction_quantiles"].get("q0.50", float("nan"))
   g = report["arvm_config"]["arvm"]
   return f"""# mesp_jax run report
 
-## BL-AE (test split, step {b.get('step')})
+## BL-AE (evaluation split, step {b.get('step')})
 | metric | value |
 |---|---|
 | PSNR from the sign bits (dB) | {b.get('psnr', float('nan')):.2f} |
@@ -118,7 +160,7 @@ def _markdown(report: dict) -> str:
 
 ![reconstructions: originals, sign-bit decode, continuous decode](blae/recon_latest.png)
 
-## gamma-ARVM (gamma = {g['gamma']}, g = {g['group']}, test split, step {a.get('step')})
+## gamma-ARVM (gamma = {g['gamma']}, g = {g['group']}, eval split, step {a.get('step')})
 | metric | value |
 |---|---|
 | bits per token | {a.get('bits_per_token', float('nan')):.3f} |
@@ -126,7 +168,18 @@ def _markdown(report: dict) -> str:
 
 ![samples](samples/samples.png)
 
+## Memorisation
+{m['num_samples']} samples against {m['train_examples']} training latents
+({m['bits_per_latent']} bits each), nearest by Hamming distance.
+
+| metric | value |
+|---|---|
+| exact latent copies | {m['exact_copy_rate']:.3f} |
+| latent copy rate (within 1 % of the bits) | {m['latent_copy_rate']:.3f} |
+| median Hamming distance (share of bits) | {median_hamming:.3f} |
+
 ## Time (s)
 BL-AE {t['blae_s']:.0f} · encode {t['encode_s']:.0f} · ARVM {t['arvm_s']:.0f} ·
-sampling {t['sample_s']:.0f} · total {t['total_s']:.0f}
+sampling {t['sample_s']:.0f} · evaluation {t['evaluate_s']:.0f} ·
+total {t['total_s']:.0f}
 """

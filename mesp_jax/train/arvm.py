@@ -8,15 +8,13 @@ bits per token and per image.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mesp_jax.data import Loader, eval_batches
-from mesp_jax.data.tokens import TokenSource
+from mesp_jax.data.tokens import TokenSource, tokens_path
 from mesp_jax.models import arvm as arvm_lib
 from mesp_jax.models import arvm_loss
 from mesp_jax.train import loop
@@ -26,15 +24,18 @@ ARCHITECTURE_FIELDS = ("group", "gamma", "num_layers", "d_model",
 
 
 def token_sources(config) -> tuple[TokenSource, TokenSource]:
-  """The train and eval token sources of ``config.inputs.tokens_dir``."""
+  """The train and eval token sources of ``config.inputs.tokens_dir``.
+
+  Each split's manifest ``tokens_{split}.json`` (memory-mapped shards: the
+  loader reads only this process's rows) or else its legacy
+  ``tokens_{split}.npz``.
+  """
   directory = config.inputs.tokens_dir
   group = config.arvm.group
   train_split = config.tokens.get("train_split", "train")
   eval_split = config.tokens.get("eval_split", "test")
-  train = TokenSource(os.path.join(directory, f"tokens_{train_split}.npz"),
-                      group)
-  evals = TokenSource(os.path.join(directory, f"tokens_{eval_split}.npz"),
-                      group)
+  train = TokenSource(tokens_path(directory, train_split), group)
+  evals = TokenSource(tokens_path(directory, eval_split), group)
   return train, evals
 
 

@@ -23,10 +23,15 @@ import numpy as np
 from mesp_jax.base import bits as bits_lib
 from mesp_jax.base import io, sharding
 from mesp_jax.base.image import psnr, to_float_images
-from mesp_jax.data import Loader, eval_batches, image_channels, train_eval_sources
+from mesp_jax.data import (
+  eval_batches,
+  image_channels,
+  train_eval_sources,
+  train_loader,
+)
 from mesp_jax.models.blae import (
-  ARCHITECTURE_FIELDS,
   BLAE,
+  architecture_meta,
   bin_rate,
   blae_loss,
   build_blae,
@@ -49,8 +54,11 @@ def _signed(z):
 
 
 def model_meta(config, image_shape) -> dict:
-  """What a checkpoint must match to be restored (not sigma/beta)."""
-  model = {k: config.blae[k] for k in ARCHITECTURE_FIELDS}
+  """What a checkpoint must match to be restored (not sigma/beta, conv or
+  dtype). Architecture fields newer than a saved ``config.blae`` get their
+  defaults (:func:`architecture_meta`), the meta its checkpoints hold after
+  :func:`mesp_jax.train.checkpoint.upgrade_meta`."""
+  model = architecture_meta(config.blae)
   return {"stage": "blae", "model": model,
           "data": config.data.name, "image_shape": list(image_shape)}
 
@@ -127,7 +135,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
   return loop.Task(
       name="blae", init_params=init_params, loss_fn=loss_fn, eval_fn=eval_fn,
       meta=model_meta(config, image_shape),
-      train_batches=Loader(train_src, config.train.batch_size, config.seed),
+      train_batches=train_loader(dcfg, train_src, config.train.batch_size,
+                                 config.seed),
       eval_batches=lambda: eval_batches(
           eval_src, config.train.get("eval_batch_size",
                                      config.train.batch_size),
@@ -157,16 +166,32 @@ def load_blae(workdir: str, mesh=None):
 
 def encode_split(model, params, source, batch_size: int, mesh
                  ) -> tuple[np.ndarray, np.ndarray]:
-  """Encodes a whole source: tokens int32 [N, h, w, 1] and labels [N]."""
+  """Encodes a whole source: tokens int32 [N, h, w, 1] and labels [N].
+
+  On a mesh of all processes' devices every process reads its rows of each
+  global batch and gets all N rows back. On a mesh of this process's own
+  devices (``sharding.local_mesh()``, ``params`` placed on it) the process
+  encodes all of ``source`` by itself, with no cross-process collectives.
+  """
   encode = jax.jit(lambda p, x: bits_lib.pack(
       model.apply(p, x, method=BLAE.encode_continuous), model.bits))
+  local = all(d.process_index == jax.process_index()
+              for d in mesh.devices.flat)
+  batches = (eval_batches(source, batch_size, process_index=0,
+                          process_count=1) if local
+             else eval_batches(source, batch_size))
   tokens, labels = [], []
-  for batch in eval_batches(source, batch_size):
+  for batch in batches:
     mask = batch.pop("mask")
-    out = sharding.to_host(encode(
-        params, sharding.shard_batch({"image": batch["image"]}, mesh)["image"]))
-    mask = sharding.gather_local(mask)
-    lab = sharding.gather_local(batch["label"])
+    if local:
+      x = jax.device_put(batch["image"], sharding.batch_sharding(mesh))
+      out = np.asarray(jax.device_get(encode(params, x)))  # [B, h, w, 1]
+      lab = batch["label"]
+    else:
+      out = sharding.to_host(encode(params, sharding.shard_batch(
+          {"image": batch["image"]}, mesh)["image"]))  # [B, h, w, 1]
+      mask = sharding.gather_local(mask)
+      lab = sharding.gather_local(batch["label"])
     tokens.append(out[mask])
     labels.append(lab[mask])
   return np.concatenate(tokens), np.concatenate(labels)

@@ -32,10 +32,21 @@ from mesp_jax.train.metrics import MetricWriter, Progress
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training (a pytree)."""
+  """Everything that changes during training (a pytree).
+
+  ``ema_params`` is None unless ``config.train.ema_decay > 0``; then it is
+  the exponential moving average of ``params`` (float32), which evaluation,
+  encoding and sampling use.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None
+
+  @property
+  def inference_params(self):
+    """The EMA parameters when kept, else the parameters."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 @dataclasses.dataclass
@@ -91,24 +102,85 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   return optax.chain(*chain)
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation):
+def ema_decay_at(decay: float, step):
+  """The EMA decay at ``step``: ``min(decay, (1 + t) / (10 + t))``, so the
+  average forgets its random initialisation within the first steps."""
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def micro_batches(batch, k: int):
+  """Splits every leaf ``[B, ...]`` into ``[k, B / k, ...]``.
+
+  Micro-batch ``i`` is rows ``i, i + k, i + 2k, ...``: each device keeps
+  its own rows (a contiguous block of the data-sharded batch), so the split
+  moves no data between devices.
+  """
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulated_grads(loss_fn, params, batch, rng, step, k: int):
+  """(loss, metrics), grads of the mean loss over ``k`` micro-batches.
+
+  Equal micro-batches make the mean of their mean losses the mean over the
+  whole batch, so this equals ``value_and_grad`` on the whole batch up to
+  float summation order. Micro-batch ``i`` uses ``fold_in(rng, i)``.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    return grad_fn(params, batch, rng, step)
+
+  def body(carry, xs):
+    i, micro = xs
+    (loss, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, i),
+                                     step)
+    return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
+
+  parts = micro_batches(batch, k)
+  first = jax.tree.map(lambda x: x[0], parts)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                       jax.eval_shape(grad_fn, params, first, rng, step))
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), parts))
+  return jax.tree.map(lambda x: x / k, total)
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation,
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0):
   """``(state, batch, base_rng) -> (state, metrics)`` for a pure loss_fn.
 
   The step's randomness is ``fold_in(base_rng, state.step)``, so it does not
-  depend on the device count or on where a run was resumed.
+  depend on the device count or on where a run was resumed. With
+  ``grad_accum_steps = k > 1`` the gradient is the mean over k micro-batches
+  (:func:`accumulated_grads`); with ``ema_decay > 0`` the state's
+  ``ema_params`` follow the parameters.
   """
 
   def train_step(state: TrainState, batch, base_rng):
     step_rng = jax.random.fold_in(base_rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, step_rng, state.step)
+    (loss, metrics), grads = accumulated_grads(
+        loss_fn, state.params, batch, step_rng, state.step, grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema_decay:
+      d = ema_decay_at(ema_decay, state.step)
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return TrainState(step=state.step + 1, params=params,
-                      opt_state=opt_state), metrics
+                      opt_state=opt_state, ema_params=ema), metrics
 
   return train_step
+
+
+def init_train_state(params, tx: optax.GradientTransformation,
+                     ema_decay: float = 0.0) -> TrainState:
+  """Step 0: the optimizer's state and, with EMA, a copy of ``params``."""
+  ema = jax.tree.map(jnp.copy, params) if ema_decay else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), ema_params=ema)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -125,7 +197,7 @@ def evaluate(task: Task, eval_step, state: TrainState, mesh) -> dict[str, Any]:
   count = 0.0
   for batch in task.eval_batches():
     mask = sharding.gather_local(batch.pop("mask"))
-    out = sharding.to_host(eval_step(state.params,
+    out = sharding.to_host(eval_step(state.inference_params,
                                      sharding.shard_batch(batch, mesh)))
     m = mask.astype(np.float64)
     for k, v in out.items():
@@ -148,10 +220,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   tcfg = config.train
   mesh = mesh or sharding.mesh_from_config(config)
   dp = sharding.data_parallel_size(mesh)
-  if tcfg.batch_size % dp:
+  accum = int(tcfg.get("grad_accum_steps", 1))
+  ema_decay = float(tcfg.get("ema_decay", 0.0))
+  if tcfg.batch_size % (dp * accum):
     raise ValueError(
         f"config.train.batch_size={tcfg.batch_size} must be divisible by the "
-        f"data-parallel size {dp} (mesh {dict(mesh.shape)})")
+        f"data-parallel size {dp} (mesh {dict(mesh.shape)}) times "
+        f"config.train.grad_accum_steps={accum}")
   os.makedirs(workdir, exist_ok=True)
   tx = make_optimizer(tcfg)
   rng = jax.random.key(config.seed)
@@ -162,9 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   example = jax.tree.map(lambda x: jnp.asarray(x[:1]), first)
 
   def init_state(r):
-    params = task.init_params(r, example)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+    return init_train_state(task.init_params(r, example), tx, ema_decay)
 
   abstract = jax.eval_shape(init_state, init_rng)
   min_mb = config.get("mesh", {}).get("min_fsdp_size_mb", 4.0)
@@ -193,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   io.write_json(os.path.join(workdir, f"{task.name}_config.json"),
                 config.to_dict())
 
-  train_step = make_train_step(task.loss_fn, tx)
+  train_step = make_train_step(task.loss_fn, tx, accum, ema_decay)
 
   p_train_step = jax.jit(train_step,
                          in_shardings=(state_shardings, batch_shard, repl),
@@ -244,47 +317,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
                                if np.ndim(v) == 0})
       if task.visualize is not None and (step % vis_every == 0
                                          or step == num_steps):
-        task.visualize(state.params, step, workdir)
+        task.visualize(state.inference_params, step, workdir)
       if step % ckpt_every == 0 or step == num_steps:
         flush(step)
         ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
   finally:
     manager.wait_until_finished()
     writer.close()
+    iter_peek.close()
   return state
 
 
 def restore_params(workdir: str, config: ml_collections.ConfigDict,
                    init_params: Callable[[jax.Array], Any], meta: dict,
-                   mesh=None) -> tuple[Any, int]:
+                   mesh=None, use_ema: bool = True) -> tuple[Any, int]:
   """Restores the parameters of a finished (or running) training workdir.
 
   ``init_params(rng) -> params`` gives the structure; the optimizer state is
   rebuilt from ``config.train`` so the saved TrainState matches.
 
   Returns:
-    (params sharded on the mesh, checkpoint step).
+    (params sharded on the mesh, checkpoint step). The EMA parameters when
+    the run kept them (``train.ema_decay > 0``) and ``use_ema``.
   """
   mesh = mesh or sharding.make_mesh()
   tx = make_optimizer(config.train)
+  ema_decay = float(config.train.get("ema_decay", 0.0))
 
   def init_state(r):
-    params = init_params(r)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+    return init_train_state(init_params(r), tx, ema_decay)
 
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   shardings = sharding.param_shardings(abstract, mesh)
   manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
                               async_save=False)
   restored = ckpt.restore_latest(
-      manager, ckpt.abstract_with_shardings(abstract, shardings), meta)
+      manager, ckpt.abstract_with_shardings(abstract, shardings), meta,
+      with_position=False)
   if restored is None:
     raise FileNotFoundError(
         f"no checkpoint in {workdir}/checkpoints; train stage "
         f"{meta.get('stage', '?')!r} into that workdir first")
   step, state, _ = restored
-  return state.params, step
+  return (state.inference_params if use_ema else state.params), step
 
 
 def load_run_config(workdir: str, name: str) -> ml_collections.ConfigDict:
@@ -303,11 +378,15 @@ def load_run_config(workdir: str, name: str) -> ml_collections.ConfigDict:
 
 
 class _Peek:
-  """Wraps a loader so the first batch (used for shapes) is not lost."""
+  """Wraps a loader so the first batch (used for shapes) is not lost.
+
+  While the peeked batch is unconsumed, the position is the one before it.
+  """
 
   def __init__(self, loader):
     self.loader = loader
     self._head = None
+    self._head_state = None
 
   def __iter__(self):
     return self
@@ -320,15 +399,19 @@ class _Peek:
 
   def peek(self):
     if self._head is None:
+      self._head_state = dict(self.loader.get_state())
       self._head = next(self.loader)
     return self._head
 
   def get_state(self) -> dict:
-    state = dict(self.loader.get_state())
     if self._head is not None:  # the peeked batch was not consumed yet
-      state["step"] -= 1
-    return state
+      return dict(self._head_state)
+    return dict(self.loader.get_state())
 
   def set_state(self, state: dict) -> None:
     self._head = None
     self.loader.set_state(state)
+
+  def close(self) -> None:
+    if hasattr(self.loader, "close"):
+      self.loader.close()
