@@ -24,8 +24,8 @@ from mesp_jax.base import bits as bits_lib
 from mesp_jax.base import io, sharding
 from mesp_jax.base.image import psnr, to_float_images
 from mesp_jax.data import (
+  data_channels,
   eval_batches,
-  image_channels,
   train_eval_sources,
   train_loader,
 )
@@ -152,7 +152,7 @@ def load_blae(workdir: str, mesh=None):
   config = loop.load_run_config(workdir, "blae")
   mesh = mesh or sharding.make_mesh()
   image_shape = (config.data.image_size, config.data.image_size,
-                 image_channels(config.data.name))
+                 data_channels(config.data))
   model = build_blae(config.blae, image_channels=image_shape[-1])
 
   def init_params(r):
