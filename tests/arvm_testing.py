@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mesp_jax.base import sharding
 from mesp_jax.models import arvm
 
 
@@ -31,7 +32,8 @@ def random_setup(model: arvm.ARVM, batch: int = 2, seed: int = 0):
   if model.num_classes:
     labels = jnp.asarray(rng.integers(0, model.num_classes + 1, (batch,)),
                          jnp.int32)
-  shapes = jax.eval_shape(model.init, jax.random.key(seed), tokens, labels)
+  shapes = sharding.unbox(
+      jax.eval_shape(model.init, jax.random.key(seed), tokens, labels))
   params = jax.tree.map(
       lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype), shapes)
   return params, tokens, labels

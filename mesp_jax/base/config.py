@@ -165,6 +165,13 @@ def _rules_arvm(config, **_):
   if a.d_model % a.num_heads:
     raise ConfigError(f"config.arvm.d_model={a.d_model} must be divisible by "
                       f"config.arvm.num_heads={a.num_heads}")
+  model = config.get("mesh", {}).get("model", 1)
+  hidden = int(a.mlp_ratio * a.d_model)
+  if a.num_heads % model or hidden % model:
+    raise ConfigError(
+        f"config.mesh.model={model} must divide config.arvm.num_heads="
+        f"{a.num_heads} and the MLP width (mlp_ratio * d_model = {hidden}): "
+        f"tensor parallelism splits heads and MLP units over that axis")
   _need(config, "inputs.tokens_dir",
         "point it at a 'blae_encode' workdir (it holds tokens_*.npz)")
 

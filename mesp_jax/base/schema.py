@@ -93,6 +93,24 @@ def optional(rule: Rule) -> Rule:
   return opt
 
 
+def axis_rules(v) -> str | None:
+  """Logical sharding rules: pairs (logical name, mesh axes)."""
+  msg = ("a sequence of (logical name, mesh axes) pairs, the axes None, one "
+         "of 'data', 'fsdp', 'model' or a tuple of them; () for the default")
+  if not isinstance(v, (tuple, list)):
+    return msg
+  for pair in v:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(
+        pair[0], str):
+      return msg
+    axes = pair[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not isinstance(axes, (tuple, list)) or any(
+        a not in ("data", "fsdp", "model") for a in axes):
+      return msg
+  return None
+
+
 POSITIVE = integer(1)
 COUNT = integer(0)  # 0 often means "all"
 SEED = integer(0)
@@ -131,7 +149,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "mesh": _fields(
         data=(-1, integer(-1), "data axis size; -1: all remaining devices"),
         fsdp=(1, POSITIVE, "fsdp axis size"),
-        min_fsdp_size_mb=(4.0, number(0), "smallest tensor fsdp shards")),
+        model=(1, POSITIVE, "model (tensor-parallel) axis size"),
+        rules=((), axis_rules, "logical axis -> mesh axes for annotated "
+               "parameters and activations; (): the default rules"),
+        min_fsdp_size_mb=(4.0, number(0), "smallest tensor fsdp shards "
+                          "(parameters without logical names)")),
     "data": _fields(
         name=("fashion_mnist", text,
               "fashion_mnist, mnist, cifar10, celeb_a, imagenet2012, folder"),
@@ -195,7 +217,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         target=("onehot", choice("onehot", "kernel"), "training target"),
         sigma_s=(0.5, number(0, above=True), "kernel target noise"),
         attention=("dense", choice("dense", "block_local", "auto"),
-                   "full-pass attention (same parameters and results)")),
+                   "full-pass attention (same parameters and results)"),
+        scan_layers=(False, flag, "one nn.scan over the blocks (fast "
+                     "compile; stacked parameters)"),
+        remat=("none", choice("none", "full", "dots", "dots_no_batch"),
+               "recompute block intermediates in the backward pass")),
     "tokens": _fields(
         train_split=("train", text, ""), eval_split=("test", text, ""),
         eval_examples=(0, COUNT, "0: the whole eval split")),

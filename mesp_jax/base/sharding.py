@@ -1,9 +1,23 @@
 """Device mesh, sharding rules, placement and host gathering.
 
-The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data
-parallelism whose replicas also split the parameters). The batch is split over
-both; parameters are replicated or sharded over ``fsdp`` by a size rule, never
-by hand per array.
+The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data
+parallelism whose replicas also split the parameters) and ``model`` (tensor
+parallelism: attention heads and MLP hidden units split over devices). The
+batch is split over ``data`` and ``fsdp``.
+
+Parameters get their shardings in one of two ways, never by hand per array:
+
+* Parameters created with logical axis names (``nn.with_logical_partitioning``,
+  e.g. the ARVM's ``('embed', 'heads', 'kv')``) are mapped to mesh axes by
+  the logical rules (``config.mesh.rules``, default :data:`DEFAULT_RULES`):
+  :func:`logical_spec`.
+* Every other parameter (the BL-AE, the VAE) follows the size rule: the
+  largest dimension divisible by the ``fsdp`` size is sharded over it when
+  the tensor is at least ``min_fsdp_size_mb``: :func:`fsdp_spec`.
+
+:func:`state_shardings` applies both to a whole (abstract) train state, and
+:func:`activation_rules` is the context under which models constrain their
+activations by the same logical names (:func:`constrain`).
 
 Moving data: :func:`shard_batch` (process-local rows -> global batch),
 :func:`place` / :func:`replicate` (a host array every process holds in full
@@ -14,6 +28,8 @@ process), :func:`gather_local` (process-local numpy -> all rows), and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,30 +41,64 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "model")
+
+# Logical axis name -> mesh axes (None: replicated). A name missing from the
+# rules is replicated. Batch over the data axes; the model width over fsdp
+# (ZeRO-3 style: each fsdp replica holds a slice of every large matrix and
+# all-gathers it for the layer); heads, MLP units and the histogram bins over
+# model (Megatron-style tensor parallelism).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", DATA_AXES),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("mlp", "model"),
+    ("vocab", "model"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("grid", None),
+)
 
 SHARD_MAP_CHECK_KW = "check_vma"  # shard_map(..., **{SHARD_MAP_CHECK_KW: False})
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-  """A ``('data', 'fsdp')`` mesh over ``devices`` (default: all devices).
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None,
+              model: int = 1) -> Mesh:
+  """A ``('data', 'fsdp', 'model')`` mesh over ``devices`` (default: all).
 
   Args:
-    data: size of the data axis; -1 takes every device not used by ``fsdp``.
+    data: size of the data axis; -1 takes every device not used by ``fsdp``
+      and ``model``.
     fsdp: size of the fsdp axis.
-    devices: optional explicit device list (tests use a subset).
+    devices: optional explicit device list (tests use a subset; the
+      ahead-of-time check passes a TPU topology's devices).
+    model: size of the model (tensor-parallel) axis.
+
+  On TPU the devices are laid out along the physical torus
+  (``mesh_utils.create_device_mesh``), so that the inner axes (model, then
+  fsdp) are neighbours; elsewhere in the order given.
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  if fsdp < 1 or n % fsdp:
-    raise ValueError(
-        f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {n}")
+  for name, size in (("fsdp", fsdp), ("model", model)):
+    if size < 1 or n % size:
+      raise ValueError(
+          f"mesh.{name}={size} must be >= 1 and divide the device count {n}")
   if data == -1:
-    data = n // fsdp
-  if data * fsdp != n:
+    data = n // (fsdp * model)
+  if data * fsdp * model != n:
     raise ValueError(
-        f"mesh.data * mesh.fsdp = {data} * {fsdp} must equal the device count "
-        f"{n}; set mesh.data=-1 to use all devices")
-  return Mesh(np.asarray(devices).reshape(data, fsdp), DATA_AXES)
+        f"mesh.data * mesh.fsdp * mesh.model = {data} * {fsdp} * {model} must "
+        f"equal the device count {n}; set mesh.data=-1 to use all devices")
+  shape = (data, fsdp, model)
+  if devices[0].platform == "tpu" and n > 1:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices,
+                                         allow_split_physical_axes=True)
+  else:
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -81,16 +131,118 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, itemsize: int,
 def param_shardings(abstract_tree: Any, mesh: Mesh,
                     min_size_mb: float = 4.0) -> Any:
   """NamedShardings for a pytree of ShapeDtypeStructs by the fsdp rule."""
+  return state_shardings(abstract_tree, mesh, min_size_mb=min_size_mb)
+
+
+def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
+  """``config.mesh.rules`` as a tuple of ``(logical name, mesh axes)``;
+  :data:`DEFAULT_RULES` when absent or empty."""
+  mesh_cfg = config.get("mesh", None) or {}
+  rules = mesh_cfg.get("rules", None) or DEFAULT_RULES
+  return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in rules)
+
+
+def _mesh_axes_of(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...],
+                 mesh: Mesh, rules) -> P:
+  """The mesh PartitionSpec of a tensor with logical axis ``names``.
+
+  Each logical name maps to the mesh axes of its rule (unknown names and
+  None: replicated). A mesh axis is used at most once per tensor (the first
+  dimension that asks for it gets it), and a dimension whose size the mesh
+  axes do not divide is replicated, so odd sizes (e.g. 10 classes over a
+  model axis of 4) still compile.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape, strict=True):
+    axes = tuple(a for a in _mesh_axes_of(table.get(name)) if a not in used
+                 and mesh.shape.get(a, 1) > 1)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def state_shardings(abstract_tree: Any, mesh: Mesh, rules=DEFAULT_RULES,
+                    min_size_mb: float = 4.0) -> Any:
+  """NamedShardings for an abstract pytree (e.g. a whole train state).
+
+  Leaves boxed with logical axis names (flax ``nn.LogicallyPartitioned``,
+  also inside optimizer states built from boxed parameters) follow
+  ``rules`` (:func:`logical_spec`); plain leaves follow the fsdp size rule
+  (:func:`fsdp_spec`). Returns an unboxed tree (the structure of
+  ``flax.linen.unbox(abstract_tree)``).
+  """
+  from flax.core import meta
+  from flax.linen import spmd
+
   fsdp_size = mesh.shape["fsdp"]
 
   def rule(x):
+    if isinstance(x, meta.Partitioned):
+      value = x.value
+      names = tuple(x.names)
+      if isinstance(x, spmd.LogicallyPartitioned):
+        return NamedSharding(mesh, logical_spec(names, tuple(value.shape),
+                                                mesh, rules))
+      return NamedSharding(mesh, P(*names))  # already mesh axes
     if not hasattr(x, "shape"):
       return replicated(mesh)
     spec = fsdp_spec(tuple(x.shape), fsdp_size, np.dtype(x.dtype).itemsize,
                      min_size_mb)
     return NamedSharding(mesh, spec)
 
-  return jax.tree.map(rule, abstract_tree)
+  return jax.tree.map(rule, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, meta.Partitioned))
+
+
+def unbox(tree: Any) -> Any:
+  """``tree`` with flax's partitioning boxes replaced by their values."""
+  from flax.core import meta
+  return meta.unbox(tree)
+
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar(
+    "mesp_jax_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh | None, rules=DEFAULT_RULES):
+  """Context under which :func:`constrain` in a model constrains activations
+  on ``mesh`` by ``rules``; outside it (and with ``mesh=None``) those
+  constraints do nothing. It must be active when a jitted function traces.
+
+  (Flax's own ``nn.with_logical_constraint`` needs a global mesh, and under
+  one flax also constrains every boxed initializer output, which breaks
+  ``nn.DenseGeneral``'s flat-then-reshape kernel init; this context does
+  not set a global mesh.)
+  """
+  token = _ACTIVATIONS.set(None if mesh is None else (mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """``x`` constrained to the sharding of its logical axis ``names`` under
+  :func:`activation_rules` (a no-op outside it)."""
+  active = _ACTIVATIONS.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = logical_spec(tuple(names), tuple(x.shape), mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -130,10 +282,12 @@ def gather_local(x: np.ndarray) -> np.ndarray:
                                                       tiled=True))
 
 
-def mesh_from_config(config) -> Mesh:
-  """The mesh of ``config.mesh`` (``data``, ``fsdp``); all devices by default."""
+def mesh_from_config(config, devices=None) -> Mesh:
+  """The mesh of ``config.mesh`` (``data``, ``fsdp``, ``model``) over
+  ``devices`` (default: all devices)."""
   mesh_cfg = config.get("mesh", None) or {}
-  return make_mesh(data=mesh_cfg.get("data", -1), fsdp=mesh_cfg.get("fsdp", 1))
+  return make_mesh(data=mesh_cfg.get("data", -1), fsdp=mesh_cfg.get("fsdp", 1),
+                   model=mesh_cfg.get("model", 1), devices=devices)
 
 
 def place(x: Any, mesh: Mesh, spec: P | None = None) -> jax.Array:

@@ -33,6 +33,7 @@ import ml_collections
 import optax
 
 from mesp_jax.base import config as config_utils
+from mesp_jax.base import sharding
 from mesp_jax.benchmarks import roofline
 from mesp_jax.models import arvm as arvm_lib
 from mesp_jax.models import arvm_loss
@@ -268,8 +269,8 @@ def main(argv: list[str]) -> None:
   model = _model_from_args(args)
   t = model.seq_len
   tokens = jnp.zeros((1, t), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(args.seed), tokens,
-                               _labels(model, 1))
+  params = sharding.unbox(jax.jit(model.init)(jax.random.key(args.seed),
+                                              tokens, _labels(model, 1)))
   param_bytes = _tree_bytes(params)
   gamma = "global" if model.gamma is None else model.gamma
   print(f"ARVM sampler benchmark on {jax.devices()[0].platform} "

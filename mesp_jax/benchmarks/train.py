@@ -188,7 +188,8 @@ def run_arvm(spec: str, grid: int, attention: str, args) -> dict:
 
   def init_state(r):
     labels = jnp.zeros((1,), jnp.int32) if conditional else None
-    params = model.init(r, jnp.zeros((1, grid, grid, tp), jnp.int32), labels)
+    params = sharding.unbox(
+        model.init(r, jnp.zeros((1, grid, grid, tp), jnp.int32), labels))
     return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params))
 

@@ -49,7 +49,6 @@ drive it. The mask, the window and the wavefront order live in
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -62,7 +61,7 @@ from mesp_jax.base import bits as bits_lib
 from mesp_jax.base import config as config_lib
 from mesp_jax.base.gamma import parse_gamma
 from mesp_jax.models import local_attention
-from mesp_jax.models.arvm_blocks import Block
+from mesp_jax.models.arvm_blocks import Block, layer_norm, partitioned
 from mesp_jax.models.arvm_geometry import (  # noqa: F401 (re-exported)
     gamma_mask,
     slot_visible,
@@ -74,6 +73,15 @@ EMBED_CHOICES = ("linear", "linear+table")
 BUILD_FIELDS = ("group", "gamma", "num_layers", "d_model", "num_heads",
                 "mlp_ratio", "num_classes", "embed", "dtype")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Rematerialisation of each block in the backward pass (``arvm.remat``):
+# which intermediates the forward pass keeps for it.
+REMAT_POLICIES = {
+    "none": None,  # keep everything (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch":  # keep only weight matmuls (no attention scores)
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -105,6 +113,12 @@ class ARVM(nn.Module):
       ``'block_local'`` (per grid row, :mod:`local_attention`; dense for
       global gamma) or ``'auto'`` (block-local when cheaper); same params and
       same results up to float round-off. :meth:`decode` is unaffected.
+    scan_layers: run the blocks as one ``nn.scan`` (parameters and the decode
+      cache stacked on a leading ``layers`` axis): one block to compile
+      instead of ``num_layers``. The parameter tree differs from the
+      unscanned one (:func:`stack_layers` converts).
+    remat: a key of :data:`REMAT_POLICIES`; recompute each block's
+      intermediates in the backward pass instead of keeping them.
   """
 
   height: int
@@ -120,6 +134,8 @@ class ARVM(nn.Module):
   embed: str = "linear"
   dtype: Any = jnp.float32
   attention: str = "dense"
+  scan_layers: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     # Accept "global" / "none" strings when the module is built directly.
@@ -127,6 +143,9 @@ class ARVM(nn.Module):
     if self.attention not in local_attention.ATTENTION_CHOICES:
       raise ValueError(f"attention={self.attention!r} must be one of "
                        f"{list(local_attention.ATTENTION_CHOICES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} must be one of "
+                       f"{list(REMAT_POLICIES)}")
     super().__post_init__()
 
   # Derived sizes.
@@ -146,32 +165,85 @@ class ARVM(nn.Module):
   def null_label(self) -> int:
     return self.num_classes
 
+  @property
+  def window(self) -> local_attention.LocalWindow | None:
+    """The full pass's block-local window, or None for dense attention."""
+    geometry = (self.height, self.width, self.tokens_per_pos, self.gamma)
+    if local_attention.resolve_attention(self.attention,
+                                         *geometry) == "block_local":
+      return local_attention.LocalWindow(*geometry)
+    return None
+
   def setup(self):
     d = self.d_model
     kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
-    embed = functools.partial(nn.Embed, embedding_init=_EMBED_INIT, **kw)
-    self.bit_proj = nn.Dense(d, **kw)
+
+    def embed(num, names=("grid", "embed")):
+      return nn.Embed(num, d, embedding_init=partitioned(_EMBED_INIT, *names),
+                      **kw)
+
+    lecun = nn.initializers.lecun_normal()
+    zeros = nn.initializers.zeros
+    self.bit_proj = nn.Dense(d, kernel_init=partitioned(lecun, None, "embed"),
+                             bias_init=partitioned(zeros, "embed"), **kw)
     if self.embed == "linear+table":
-      self.token_table = embed(self.vocab_size, d)
+      self.token_table = embed(self.vocab_size, ("vocab", "embed"))
     if self.num_classes > 0:
-      self.label_embed = embed(self.num_classes + 1, d)
+      self.label_embed = embed(self.num_classes + 1, ("classes", "embed"))
     else:
-      self.bos = self.param("bos", _EMBED_INIT, (d,), jnp.float32)
-    self.start_pos = self.param("start_pos", _EMBED_INIT, (d,), jnp.float32)
+      self.bos = self.param("bos", partitioned(_EMBED_INIT, "embed"), (d,),
+                            jnp.float32)
+    self.start_pos = self.param("start_pos", partitioned(_EMBED_INIT, "embed"),
+                                (d,), jnp.float32)
     # Grid position of a context token (where the input token sits) ...
-    self.row_embed = embed(self.height, d)
-    self.col_embed = embed(self.width, d)
-    self.group_embed = embed(self.tokens_per_pos, d)
+    self.row_embed = embed(self.height)
+    self.col_embed = embed(self.width)
+    self.group_embed = embed(self.tokens_per_pos)
     # ... and of the token a query predicts.
-    self.query_row_embed = embed(self.height, d)
-    self.query_col_embed = embed(self.width, d)
-    self.query_group_embed = embed(self.tokens_per_pos, d)
-    self.blocks = [
-        Block(self.num_heads, self.mlp_ratio, dtype=self.dtype,
-              name=f"block_{n}") for n in range(self.num_layers)
-    ]
-    self.final_ln = nn.LayerNorm(**kw)
-    self.head = nn.Dense(self.vocab_size, **kw)
+    self.query_row_embed = embed(self.height)
+    self.query_col_embed = embed(self.width)
+    self.query_group_embed = embed(self.tokens_per_pos)
+    block = Block
+    if self.remat != "none":
+      # Without scan, prevent_cse keeps XLA from merging the recomputation
+      # back into the forward pass; inside scan it is not needed.
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat],
+                       prevent_cse=not self.scan_layers)
+    args = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                dtype=self.dtype, window=self.window)
+    if self.scan_layers:
+      # (x, ctx, mask, kv, write_index): x is the carry, kv is scanned (the
+      # cache's stacked layers), the rest is the same for every layer.
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(**args)
+    else:
+      self.blocks = [block(**args, name=f"block_{n}")
+                     for n in range(self.num_layers)]
+    self.final_ln = layer_norm(self.dtype)
+    self.head = nn.Dense(self.vocab_size,
+                         kernel_init=partitioned(lecun, "embed", "vocab"),
+                         bias_init=partitioned(zeros, "vocab"), **kw)
+
+  def _run_blocks(self, x: jax.Array, ctx: jax.Array, mask: jax.Array | None,
+                  layers: Any = None, write_index: jax.Array | None = None
+                  ) -> tuple[jax.Array, Any]:
+    """All blocks over the query stream ``x`` [B, S, D]; with a cache,
+    ``layers`` is its per-layer part (a tuple of ``{'k', 'v'}``, or one
+    stacked dict when scanned) and is returned updated."""
+    if self.scan_layers:
+      return self.layers(x, ctx, mask, layers, write_index)
+    if layers is None:
+      for block in self.blocks:
+        x, _ = block(x, ctx, mask)
+      return x, None
+    new_layers = []
+    for block, kv in zip(self.blocks, layers, strict=True):
+      x, kv = block(x, ctx, mask, kv, write_index)
+      new_layers.append(kv)
+    return x, tuple(new_layers)
 
   # -- embeddings -------------------------------------------------------------
 
@@ -255,14 +327,11 @@ class ARVM(nn.Module):
         self._token_context(tokens[:, :-1], jnp.arange(t - 1)[None]),
     ], axis=1)  # [B, T, D]
     x = self._query_init(start, jnp.arange(t))  # [B, T, D]
-    geometry = (self.height, self.width, self.tokens_per_pos, self.gamma)
-    if local_attention.resolve_attention(self.attention,
-                                         *geometry) == "block_local":
-      mask = local_attention.LocalWindow(*geometry)
-    else:
-      mask = jnp.asarray(gamma_mask(*geometry))  # [T, T]
-    for block in self.blocks:
-      x, _ = block(x, ctx, mask)
+    mask = None  # block-local: each block uses the window
+    if self.window is None:
+      mask = jnp.asarray(gamma_mask(self.height, self.width,
+                                    self.tokens_per_pos, self.gamma))  # [T, T]
+    x, _ = self._run_blocks(x, ctx, mask)
     return self._logits(x)  # [B, T, V]
 
   # -- one-slot incremental step ----------------------------------------------
@@ -304,11 +373,8 @@ class ARVM(nn.Module):
     slots = cache["slots"].at[entries].set(ctx_slots)  # [L]
     mask = slot_visible(query_slots[:, None], slots[None, :], self.width,
                         self.tokens_per_pos, self.gamma, xp=jnp)  # [m, L]
-    new_layers = []
-    for block, kv in zip(self.blocks, cache["layers"], strict=True):
-      x, kv = block(x, ctx, mask, kv, entries)
-      new_layers.append(kv)
-    return self._logits(x), {"slots": slots, "layers": tuple(new_layers)}
+    x, layers = self._run_blocks(x, ctx, mask, cache["layers"], entries)
+    return self._logits(x), {"slots": slots, "layers": layers}
 
   def decode(self, prev_tokens: jax.Array, slot: jax.Array,
              cache: dict[str, Any],
@@ -344,14 +410,20 @@ def init_cache(model: ARVM, batch: int, entries: int) -> dict[str, Any]:
   Returns:
     ``{'slots': [1 + entries] int32 (-1 = empty), 'layers': tuple over layers
     of {'k', 'v'}: [batch, heads, 1 + entries, d_model // heads]}`` in the
-    model's activation dtype.
+    model's activation dtype; with ``scan_layers`` one such dict whose arrays
+    have a leading ``num_layers`` axis. Either way the batch is axis -4.
   """
   length = 1 + entries
   head_dim = model.d_model // model.num_heads
   shape = (batch, model.num_heads, length, head_dim)
-  layers = tuple({"k": jnp.zeros(shape, model.dtype),
-                  "v": jnp.zeros(shape, model.dtype)}
-                 for _ in range(model.num_layers))
+  if model.scan_layers:
+    shape = (model.num_layers,) + shape
+    layers = {"k": jnp.zeros(shape, model.dtype),
+              "v": jnp.zeros(shape, model.dtype)}
+  else:
+    layers = tuple({"k": jnp.zeros(shape, model.dtype),
+                    "v": jnp.zeros(shape, model.dtype)}
+                   for _ in range(model.num_layers))
   return {"slots": jnp.full((length,), -1, jnp.int32), "layers": layers}
 
 
@@ -361,6 +433,16 @@ def cache_nbytes(model: ARVM, batch: int, entries: int) -> int:
   shapes = jax.eval_shape(lambda: init_cache(model, batch, entries))
   return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
              for s in jax.tree.leaves(shapes))
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+  """Unscanned ARVM parameters (``block_0`` ... ``block_{L-1}``) as the
+  parameters of the same model with ``scan_layers=True`` (one ``layers``
+  entry whose arrays have a leading layer axis)."""
+  inner = dict(params["params"])
+  blocks = [inner.pop(f"block_{n}") for n in range(num_layers)]
+  inner["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return {**params, "params": inner}
 
 
 # ----------------------------------------------------------------------------
@@ -392,10 +474,13 @@ def build_arvm(cfg: ml_collections.ConfigDict, grid: tuple[int, int],
   if cfg.d_model % cfg.num_heads:
     raise ValueError(f"arvm.d_model={cfg.d_model} must be divisible by "
                      f"arvm.num_heads={cfg.num_heads}")
-  attention = cfg.get("attention", "dense")
-  config_lib.check_fields({"attention": attention}, "arvm", ("attention",))
+  # Fields newer than some saved configs, with the defaults they ran with.
+  later = {"attention": cfg.get("attention", "dense"),
+           "scan_layers": cfg.get("scan_layers", False),
+           "remat": cfg.get("remat", "none")}
+  config_lib.check_fields(later, "arvm", tuple(later))
   return ARVM(height=height, width=width, bits=int(bits), group=cfg.group,
               gamma=parse_gamma(cfg.gamma), num_layers=cfg.num_layers,
               d_model=cfg.d_model, num_heads=cfg.num_heads,
               mlp_ratio=float(cfg.mlp_ratio), num_classes=cfg.num_classes,
-              embed=cfg.embed, dtype=DTYPES[cfg.dtype], attention=attention)
+              embed=cfg.embed, dtype=DTYPES[cfg.dtype], **later)

@@ -41,6 +41,7 @@ from mesp_jax.models import arvm as arvm_lib
 from mesp_jax.sample import wavefront
 from mesp_jax.sample.logits import (
   constrain,
+  constrain_cache,
   guidance_labels,
   guidance_rows,
   guide,
@@ -182,7 +183,8 @@ def _cached_sampler(model: arvm_lib.ARVM, params: Any, rng: jax.Array,
   row_labels = constrain(guidance_labels(model, labels, cfg_scale), mesh)
   rows = num_samples * (2 if cfg_scale > 0 else 1)
   state = arvm_lib.init_cache(model, rows, cache_entries(model, cache))
-  state = {"slots": state["slots"], "layers": constrain(state["layers"], mesh)}
+  state = {"slots": state["slots"],
+           "layers": constrain_cache(state["layers"], mesh)}
   draw = functools.partial(draw_token, temperature=temperature, top_k=top_k,
                            top_p=top_p)
 
@@ -190,7 +192,7 @@ def _cached_sampler(model: arvm_lib.ARVM, params: Any, rng: jax.Array,
     logits, state = model.apply(params, prev, slot, state, row_labels,
                                 method=arvm_lib.ARVM.decode)
     state = {"slots": state["slots"],
-             "layers": constrain(state["layers"], mesh)}
+             "layers": constrain_cache(state["layers"], mesh)}
     return guide(logits, cfg_scale), state  # [B, V]
 
   # Prefill: the start slot gives the distribution of token 0.

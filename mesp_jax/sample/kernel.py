@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -167,8 +168,11 @@ def prepare_bank(bank_tokens: np.ndarray | jax.Array, *, group: int,
   if bank.size and (bank.min() < 0 or bank.max() >= 2**group):
     raise ValueError(f"bank tokens must lie in [0, 2^{group})")
   mesh = _default_mesh() if mesh is None else mesh
-  if tuple(mesh.axis_names) != DATA_AXES:
-    raise ValueError(f"mesh axes must be {DATA_AXES}, got {mesh.axis_names}")
+  if tuple(mesh.axis_names)[:2] != DATA_AXES or math.prod(
+      mesh.shape[a] for a in mesh.axis_names if a not in DATA_AXES) != 1:
+    raise ValueError(f"the kernel sampler splits its bank over the mesh axes "
+                     f"{DATA_AXES} only; got mesh {dict(mesh.shape)} (set "
+                     f"mesh.model=1)")
   num, height, width, tp = bank.shape
   if num < 1:
     raise ValueError("the bank is empty")

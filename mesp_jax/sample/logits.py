@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mesp_jax.base import sharding as sharding_lib
 from mesp_jax.models import arvm as arvm_lib
@@ -101,6 +102,22 @@ def labels_or_null(model: arvm_lib.ARVM, labels: Any,
   if labels is None:
     return jnp.full((num_samples,), model.null_label, jnp.int32)
   return jnp.asarray(labels, jnp.int32)
+
+
+def constrain_cache(layers: Any, mesh: Mesh | None) -> Any:
+  """Batch-shards the K/V cache (:func:`arvm.init_cache` ``'layers'``): its
+  arrays are [..., B, heads, L, hd], the batch on axis -4 (a leading layer
+  axis when the ARVM scans its layers)."""
+  if mesh is None:
+    return layers
+
+  def one(a):
+    spec = [None] * a.ndim
+    spec[a.ndim - 4] = sharding_lib.DATA_AXES
+    return jax.lax.with_sharding_constraint(
+        a, NamedSharding(mesh, P(*spec)))
+
+  return jax.tree.map(one, layers)
 
 
 def constrain(x: Any, mesh: Mesh | None) -> Any:

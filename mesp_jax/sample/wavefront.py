@@ -100,7 +100,7 @@ def _run(model: arvm_lib.ARVM, params: Any, keys: jax.Array | None,
   rows = batch * (2 if cfg_scale > 0 else 1)
   state = arvm_lib.init_cache(model, rows, cache_entries(model))
   state = {"slots": state["slots"],
-           "layers": logits_lib.constrain(state["layers"], mesh)}
+           "layers": logits_lib.constrain_cache(state["layers"], mesh)}
   draw = functools.partial(logits_lib.draw, temperature=temperature,
                            top_k=top_k, top_p=top_p)
   # Token buffers get a spare last column for the writes of unused lanes.
@@ -117,7 +117,7 @@ def _run(model: arvm_lib.ARVM, params: Any, keys: jax.Array | None,
         params, logits_lib.guidance_rows(ctx, cfg_scale), written, entry[s],
         q, state, row_labels, method=arvm_lib.ARVM.decode_slots)
     state = {"slots": state["slots"],
-             "layers": logits_lib.constrain(state["layers"], mesh)}
+             "layers": logits_lib.constrain_cache(state["layers"], mesh)}
     logits = jax.vmap(logits_lib.guide, in_axes=(1, None), out_axes=1)(
         logits, cfg_scale)  # [B, n, V]
     column = jnp.where(q >= 0, q, t)  # [n]

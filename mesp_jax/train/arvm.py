@@ -41,6 +41,8 @@ def token_sources(config) -> tuple[TokenSource, TokenSource]:
 
 def model_meta(config, grid, bits) -> dict:
   arch = {k: config.arvm[k] for k in ARCHITECTURE_FIELDS}
+  if config.arvm.get("scan_layers", False):  # a different parameter tree
+    arch["scan_layers"] = True
   return {"stage": "arvm", "model": arch, "grid": list(grid), "bits": bits}
 
 
@@ -49,16 +51,17 @@ def blae_workdir_for(config, source: TokenSource) -> str:
   return config.inputs.get("blae_workdir") or source.blae_workdir
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str,
-              visualize=None) -> loop.Task:
-  """The :class:`loop.Task` of the neural ARVM on ``config.inputs.tokens_dir``.
+def functions(config: ml_collections.ConfigDict, grid: tuple[int, int],
+              bits: int):
+  """The ARVM of ``config.arvm`` on a ``grid`` of ``bits``-bit positions and
+  its pure functions: ``(model, init_params, loss_fn, eval_fn)`` as
+  :class:`loop.Task` takes them (no data needed; the ahead-of-time check
+  uses them with abstract batches).
 
-  ``visualize``: optional ``(model, params, step, workdir)`` hook (the stage
-  passes one that draws and decodes a sample grid).
+  ``init_params`` returns the parameters boxed with their logical axis names
+  (the loop turns those into shardings and unboxes them).
   """
-  del workdir
-  train_src, eval_src = token_sources(config)
-  model = arvm_lib.build_arvm(config.arvm, train_src.grid, train_src.bits)
+  model = arvm_lib.build_arvm(config.arvm, grid, bits)
   cfg = config.arvm
   p_flip = float(arvm_loss.p_flip(cfg.sigma_s))
   conditional = cfg.num_classes > 0
@@ -76,6 +79,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     return model.init(rng, batch["tokens"], labels_of(batch))
 
   def loss_fn(params, batch, rng, step):
+    del step
     tokens = batch["tokens"]  # [B, h, w, Tp] int32
     logits = model.apply(params, tokens, labels_of(batch, rng))  # [B, T, V]
     return arvm_loss.arvm_loss(logits, tokens, cfg.target, cfg.group, p_flip)
@@ -89,6 +93,20 @@ def make_task(config: ml_collections.ConfigDict, workdir: str,
     bpt = jnp.mean(nll, axis=1) / jnp.log(2.0)  # [B]
     return {"bits_per_token": bpt, "bits_per_image": bpt * model.seq_len}
 
+  return model, init_params, loss_fn, eval_fn
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: str,
+              visualize=None) -> loop.Task:
+  """The :class:`loop.Task` of the neural ARVM on ``config.inputs.tokens_dir``.
+
+  ``visualize``: optional ``(model, params, step, workdir)`` hook (the stage
+  passes one that draws and decodes a sample grid).
+  """
+  del workdir
+  train_src, eval_src = token_sources(config)
+  model, init_params, loss_fn, eval_fn = functions(config, train_src.grid,
+                                                   train_src.bits)
   hook = None
   if visualize is not None:
     def hook(params, step, workdir_):

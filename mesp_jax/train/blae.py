@@ -79,9 +79,10 @@ def make_loss_fn(model: BLAE, cfg: ml_collections.ConfigDict):
   return loss_fn
 
 
-def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
-  train_src, eval_src = train_eval_sources(config.data)
-  image_shape = train_src.image_shape
+def functions(config: ml_collections.ConfigDict, image_shape):
+  """The BL-AE of ``config.blae`` for images of ``image_shape`` (H, W, C) and
+  its pure functions ``(model, init_params, loss_fn, eval_fn)`` as
+  :class:`loop.Task` takes them (no data needed)."""
   model = build_blae(config.blae, image_channels=image_shape[-1])
   cfg = config.blae
 
@@ -89,8 +90,6 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
     x = batch["image"]
     code = jnp.zeros((x.shape[0],) + model.latent_shape(image_shape))
     return model.init(rng, x, code)
-
-  loss_fn = make_loss_fn(model, cfg)
 
   def eval_fn(params, batch):
     x = batch["image"]
@@ -106,6 +105,14 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
         "bin_rate": jnp.mean((jnp.abs(z) >= 0.9).reshape(b, -1), axis=1),
         "bit_usage": jnp.mean((z > 0).reshape(b, -1, z.shape[-1]), axis=1),
     }
+
+  return model, init_params, make_loss_fn(model, cfg), eval_fn
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
+  train_src, eval_src = train_eval_sources(config.data)
+  image_shape = train_src.image_shape
+  model, init_params, loss_fn, eval_fn = functions(config, image_shape)
 
   def summarize_eval(m):
     usage = np.asarray(m["bit_usage"])

@@ -183,6 +183,99 @@ def init_train_state(params, tx: optax.GradientTransformation,
                     opt_state=tx.init(params), ema_params=ema)
 
 
+@dataclasses.dataclass
+class Program:
+  """The compiled-to-be pieces of a training run on a mesh.
+
+  Attributes:
+    abstract: the TrainState as ShapeDtypeStructs (parameters unboxed).
+    shardings: its NamedShardings (logical rules for parameters with axis
+      names, the fsdp size rule for the rest).
+    init: jitted ``rng -> TrainState``, sharded.
+    train_step: jitted, donated ``(state, batch, rng) -> (state, metrics)``.
+    eval_step: jitted ``(params, batch) -> per-example values``, or None.
+    mesh: the mesh.
+    rules: the logical axis rules of parameters and activations.
+  """
+  abstract: Any
+  shardings: Any
+  init: Callable[..., Any]
+  train_step: Any
+  eval_step: Any
+  mesh: Any
+  rules: tuple
+
+  def call(self, fn):
+    """``fn`` called under the activation rules (they apply when it traces)."""
+    def under_rules(*args):
+      with sharding.activation_rules(self.mesh, self.rules):
+        return fn(*args)
+    return under_rules
+
+  def lower_train_step(self, batch: Any):
+    """``train_step`` lowered for abstract ``batch`` (ShapeDtypeStructs of
+    the global batch), e.g. to compile ahead of time for another machine."""
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.abstract, self.shardings)
+    batch = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                       sharding=sharding.batch_sharding(
+                                           self.mesh)), batch)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    with sharding.activation_rules(self.mesh, self.rules):
+      return self.train_step.lower(state, batch, rng)
+
+
+def build_program(config: ml_collections.ConfigDict, task: Task, example: Any,
+                  mesh, tx: optax.GradientTransformation | None = None
+                  ) -> Program:
+  """Shardings and jitted steps of ``task`` on ``mesh`` for ``config.train``.
+
+  Args:
+    config: the run's config (``train``, ``mesh`` sections).
+    task: the stage's Task (only its pure functions are used).
+    example: a one-example batch (arrays or ShapeDtypeStructs) for the
+      parameter shapes.
+    mesh: the mesh.
+    tx: the optimizer (default: :func:`make_optimizer` of ``config.train``).
+  """
+  tcfg = config.train
+  tx = tx or make_optimizer(tcfg)
+  accum = int(tcfg.get("grad_accum_steps", 1))
+  ema_decay = float(tcfg.get("ema_decay", 0.0))
+  rules = sharding.rules_from_config(config)
+  min_mb = config.get("mesh", {}).get("min_fsdp_size_mb", 4.0)
+
+  def init_boxed(r):
+    return init_train_state(task.init_params(r, example), tx, ema_decay)
+
+  def init_state(r):
+    return sharding.unbox(init_boxed(r))
+
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  state_shardings = sharding.state_shardings(boxed, mesh, rules, min_mb)
+  abstract = sharding.unbox(boxed)
+  batch_shard = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  train_step = jax.jit(make_train_step(task.loss_fn, tx, accum, ema_decay),
+                       in_shardings=(state_shardings, batch_shard, repl),
+                       out_shardings=(state_shardings, repl),
+                       donate_argnums=(0,))
+  eval_step = None
+  if task.eval_fn is not None:
+    eval_step = jax.jit(task.eval_fn,
+                        in_shardings=(state_shardings.params, batch_shard),
+                        out_shardings=batch_shard)
+  # init runs outside the activation rules: under them flax would also
+  # constrain each boxed initializer output, and DenseGeneral boxes its
+  # kernels before reshaping them to their named rank.
+  return Program(abstract=abstract, shardings=state_shardings,
+                 init=jax.jit(init_state, out_shardings=state_shardings),
+                 train_step=train_step, eval_step=eval_step, mesh=mesh,
+                 rules=rules)
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; no checkpoint of that state is saved."""
 
@@ -221,7 +314,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   mesh = mesh or sharding.mesh_from_config(config)
   dp = sharding.data_parallel_size(mesh)
   accum = int(tcfg.get("grad_accum_steps", 1))
-  ema_decay = float(tcfg.get("ema_decay", 0.0))
   if tcfg.batch_size % (dp * accum):
     raise ValueError(
         f"config.train.batch_size={tcfg.batch_size} must be divisible by the "
@@ -236,14 +328,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   first = iter_peek.peek()
   example = jax.tree.map(lambda x: jnp.asarray(x[:1]), first)
 
-  def init_state(r):
-    return init_train_state(task.init_params(r, example), tx, ema_decay)
-
-  abstract = jax.eval_shape(init_state, init_rng)
-  min_mb = config.get("mesh", {}).get("min_fsdp_size_mb", 4.0)
-  state_shardings = sharding.param_shardings(abstract, mesh, min_mb)
-  batch_shard = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
+  program = build_program(config, task, example, mesh, tx)
+  abstract, state_shardings = program.abstract, program.shardings
 
   manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
                               max_to_keep=tcfg.get("keep_checkpoints", 3),
@@ -253,7 +339,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
       task.meta)
   writer = MetricWriter(workdir, tensorboard=tcfg.get("tensorboard", True))
   if restored is None:
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    state = program.init(init_rng)
     start = 0
     writer.truncate_after(-1)
   else:
@@ -266,16 +352,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   io.write_json(os.path.join(workdir, f"{task.name}_config.json"),
                 config.to_dict())
 
-  train_step = make_train_step(task.loss_fn, tx, accum, ema_decay)
-
-  p_train_step = jax.jit(train_step,
-                         in_shardings=(state_shardings, batch_shard, repl),
-                         out_shardings=(state_shardings, repl),
-                         donate_argnums=(0,))
-  p_eval_step = (jax.jit(task.eval_fn, in_shardings=(state_shardings.params,
-                                                     batch_shard),
-                         out_shardings=batch_shard)
-                 if task.eval_fn is not None else None)
+  p_train_step = program.call(program.train_step)
+  p_eval_step = (program.call(program.eval_step)
+                 if program.eval_step is not None else None)
 
   num_steps = int(tcfg.num_steps)
   log_every = int(tcfg.get("log_every", 50))
@@ -347,8 +426,11 @@ def restore_params(workdir: str, config: ml_collections.ConfigDict,
   def init_state(r):
     return init_train_state(init_params(r), tx, ema_decay)
 
-  abstract = jax.eval_shape(init_state, jax.random.key(0))
-  shardings = sharding.param_shardings(abstract, mesh)
+  boxed = jax.eval_shape(init_state, jax.random.key(0))
+  shardings = sharding.state_shardings(
+      boxed, mesh, sharding.rules_from_config(config),
+      config.get("mesh", {}).get("min_fsdp_size_mb", 4.0))
+  abstract = sharding.unbox(boxed)
   manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
                               async_save=False)
   restored = ckpt.restore_latest(
