@@ -17,6 +17,7 @@ from mesp_jax import stages
 from mesp_jax.base.config import ConfigError
 from mesp_jax.data import DataNotFoundError
 from mesp_jax.train.checkpoint import CheckpointMismatchError
+from mesp_jax.train.loop import PREEMPTED_EXIT_CODE, Preempted
 
 # Errors whose message tells the user what to do (printed without traceback).
 USER_ERRORS = (ConfigError, DataNotFoundError, CheckpointMismatchError)
@@ -56,6 +57,10 @@ def main(argv):
     # Something the user can fix: the message says what; no traceback.
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except Preempted as e:
+    # Saved and stopped: launchers rerun the command on this code.
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -276,6 +278,69 @@ def build_program(config: ml_collections.ConfigDict, task: Task, example: Any,
                  rules=rules)
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped and saved; rerun to resume
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM / SIGINT after saving a checkpoint."""
+
+  def __init__(self, stage: str, step: int, directory: str, why: str):
+    super().__init__(
+        f"{stage}: stopped by {why} at step {step}; its checkpoint is saved "
+        f"in {directory}. Rerun the same command to resume from it.")
+    self.step = step
+
+
+class _StopRequest:
+  """Notices SIGTERM / SIGINT so that training stops at a step boundary.
+
+  One process: the first signal is recorded and the loop saves and stops
+  after the current step; a second SIGTERM (SLURM sends one to the job and
+  the launcher forwards another) is ignored, a second SIGINT (Ctrl-C twice)
+  stops at once. Several processes: JAX's preemption service catches
+  SIGTERM and :func:`multihost_utils.reached_preemption_sync_point` names
+  the same step on every process, so all save the same checkpoint.
+  """
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous: dict[int, Any] = {}
+    self._multihost = jax.process_count() > 1
+
+  def install(self) -> None:
+    """Handles the signals (from the main thread only) until :meth:`restore`."""
+    if threading.current_thread() is threading.main_thread():
+      signals = [signal.SIGINT] + ([] if self._multihost else [signal.SIGTERM])
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.received is not None:
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      logging.warning("%s again: already stopping", name)
+      return
+    self.received = name
+    logging.warning("%s: saving a checkpoint after this step", name)
+
+  def should_stop(self, step: int) -> bool:
+    if self._multihost:
+      from jax._src import distributed
+      from jax.experimental import multihost_utils
+      if (self.received is None and
+          distributed.global_state.preemption_sync_manager is not None and
+          multihost_utils.reached_preemption_sync_point(step)):
+        self.received = "a preemption notice (SIGTERM)"
+    return self.received is not None
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; no checkpoint of that state is saved."""
 
@@ -379,6 +444,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     progress.update(step, mean)
 
   step = start
+  stop = _StopRequest()
+  stop.install()
   try:
     while step < num_steps:
       batch = sharding.shard_batch(next(iter_peek), mesh)
@@ -397,10 +464,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
       if task.visualize is not None and (step % vis_every == 0
                                          or step == num_steps):
         task.visualize(state.inference_params, step, workdir)
-      if step % ckpt_every == 0 or step == num_steps:
+      saved = step % ckpt_every == 0 or step == num_steps
+      if saved:
         flush(step)
         ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
+      if stop.should_stop(step) and step < num_steps:
+        flush(step)
+        if not saved:
+          ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
+        manager.wait_until_finished()
+        raise Preempted(task.name, step, os.path.join(workdir, "checkpoints"),
+                        stop.received)
   finally:
+    stop.restore()
     manager.wait_until_finished()
     writer.close()
     iter_peek.close()
