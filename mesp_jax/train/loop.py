@@ -299,7 +299,8 @@ class _StopRequest:
   the launcher forwards another) is ignored, a second SIGINT (Ctrl-C twice)
   stops at once. Several processes: JAX's preemption service catches
   SIGTERM and :func:`multihost_utils.reached_preemption_sync_point` names
-  the same step on every process, so all save the same checkpoint.
+  the same step on every process, so all save the same checkpoint (SIGINT
+  keeps its default there).
   """
 
   def __init__(self):
@@ -309,9 +310,12 @@ class _StopRequest:
 
   def install(self) -> None:
     """Handles the signals (from the main thread only) until :meth:`restore`."""
-    if threading.current_thread() is threading.main_thread():
-      signals = [signal.SIGINT] + ([] if self._multihost else [signal.SIGTERM])
-      for sig in signals:
+    # Several processes: no handler here (one process stopping alone would
+    # hang the others in the checkpoint's collectives); JAX's own SIGTERM
+    # notice goes to all of them.
+    if not self._multihost and (threading.current_thread() is
+                                threading.main_thread()):
+      for sig in (signal.SIGINT, signal.SIGTERM):
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def restore(self) -> None:
