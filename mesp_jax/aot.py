@@ -431,6 +431,13 @@ def format_report(config_name: str, report: dict[str, Any]) -> str:
         f"{'-' if r.loops else f'{1e3 * r.step_seconds(t):.3g}'} |")
   lines.append("\nPer device. Predicted = max(FLOPs / peak, bytes / "
                "bandwidth): a lower bound (no collectives, no overheads).")
+  if t.hbm_bytes is None:
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = max(r.total_bytes for r in report["results"]) * len(t.devices)
+    lines.append(f"Fake CPU devices share this machine's {_size(host)} of "
+                 f"memory; the largest program needs {_size(need)} for all "
+                 f"{len(t.devices)}" + (" (more than there is)." if need > host
+                                        else "."))
   if any(r.loops for r in report["results"]):
     lines.append("* XLA counts a loop body (scanned layers, accumulated "
                  "micro-batches) once, so these are a fraction of the "

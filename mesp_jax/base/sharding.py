@@ -77,7 +77,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None,
 
   On TPU the devices are laid out along the physical torus
   (``mesh_utils.create_device_mesh``), so that the inner axes (model, then
-  fsdp) are neighbours; elsewhere in the order given.
+  fsdp) are neighbours; elsewhere, and where jax has no layout for the
+  devices (one device per TensorCore), in the order given.
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
@@ -94,8 +95,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None,
   shape = (data, fsdp, model)
   if devices[0].platform == "tpu" and n > 1:
     from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh(shape, devices,
-                                         allow_split_physical_axes=True)
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices,
+                                           allow_split_physical_axes=True)
+    except (AssertionError, ValueError, NotImplementedError):
+      # e.g. one device per TensorCore (v4 without megacore): in id order.
+      grid = np.asarray(devices).reshape(shape)
   else:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
