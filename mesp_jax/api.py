@@ -11,7 +11,7 @@ For people who use the models rather than the stages::
 
 ``run_dir`` is a ``pipeline`` workdir (it holds ``arvm/`` and ``blae/``), an
 ``arvm`` workdir, or a ``blae_encode`` workdir with ``kind='kernel'`` (the
-kernel ARVM over its ``tokens_train.npz``). Models are restored onto every
+kernel ARVM over its training tokens). Models are restored onto every
 available device; batches are split over them.
 """
 

@@ -173,7 +173,7 @@ def _rules_arvm(config, **_):
         f"{a.num_heads} and the MLP width (mlp_ratio * d_model = {hidden}): "
         f"tensor parallelism splits heads and MLP units over that axis")
   _need(config, "inputs.tokens_dir",
-        "point it at a 'blae_encode' workdir (it holds tokens_*.npz)")
+        "point it at a 'blae_encode' workdir (it holds tokens_*.json)")
 
 
 def _rules_sample(config, sampler_kind: str = "neural", **_):
@@ -182,7 +182,7 @@ def _rules_sample(config, sampler_kind: str = "neural", **_):
       if name not in config:
         raise ConfigError(f"the kernel sampler needs config.{name}")
     _need(config, "inputs.tokens_dir",
-          "the kernel ARVM's bank is tokens_train.npz of a 'blae_encode' run")
+          "the kernel ARVM's bank is the training tokens of a 'blae_encode' run")
   else:
     _need(config, "inputs.arvm_workdir", "point it at a trained 'arvm' run")
 
@@ -192,7 +192,7 @@ def _rules_sweep(config, **_):
     raise ConfigError("config.sampler.num_samples must be >= 2 (a Frechet "
                       "distance needs two samples)")
   _need(config, "inputs.tokens_dir",
-        "the kernel ARVM's bank is tokens_train.npz of a 'blae_encode' run")
+        "the kernel ARVM's bank is the training tokens of a 'blae_encode' run")
 
 
 def _rules_feature_net(config, **_):

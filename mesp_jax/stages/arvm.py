@@ -1,8 +1,9 @@
 """Stage ``arvm``: train (or resume) the neural gamma-ARVM on BL-AE tokens.
 
-Reads ``tokens_{split}.npz`` from ``config.inputs.tokens_dir``; the BL-AE
-that made them (``config.inputs.blae_workdir``, else the one the tokens name)
-decodes the periodic ``samples_latest.png``. Writes checkpoints and metrics
+Reads the token manifests ``tokens_{split}.json`` (or legacy ``.npz`` files)
+from ``config.inputs.tokens_dir``; the BL-AE that made them
+(``config.inputs.blae_workdir``, else the one the tokens name) decodes the
+periodic ``samples_latest.png``. Writes checkpoints and metrics
 (bits per token and per image).
 """
 

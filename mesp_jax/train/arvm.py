@@ -1,7 +1,7 @@
 """The neural gamma-ARVM task for the training loop, and restoring one.
 
 The task trains on the token grids written by stage ``blae_encode``
-(``config.inputs.tokens_dir``/tokens_{split}.npz) with the cross-entropy of
+(``config.inputs.tokens_dir``/tokens_{split}.json) with the cross-entropy of
 the histogram head (docs/method.md, section 'Neural gamma-ARVM'); eval reports
 bits per token and per image.
 """
