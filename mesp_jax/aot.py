@@ -33,7 +33,6 @@ sizes of those families, e.g. ``v5e-4``), or ``cpu:N``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import sys
@@ -254,7 +253,8 @@ def arvm_programs(config, mesh, latent, with_sampler: bool
 
   from mesp_jax.base import sharding
   from mesp_jax.models import arvm as arvm_lib
-  from mesp_jax.sample import decode
+  from mesp_jax.models.blae import count_params
+  from mesp_jax.sample import decode, logits
   from mesp_jax.train import arvm as arvm_train
   from mesp_jax.train import loop
 
@@ -285,16 +285,12 @@ def arvm_programs(config, mesh, latent, with_sampler: bool
       entries = decode.cache_entries(model, "ring")
       cache = jax.eval_shape(lambda: arvm_lib.init_cache(model, rows, entries))
       rep, batched = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-
-      def cache_sharding(a):
-        spec = [None] * a.ndim
-        if a.ndim >= 4:
-          spec[a.ndim - 4] = sharding.DATA_AXES
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-            *spec))
-
-      cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-          a.shape, a.dtype, sharding=cache_sharding(a)), cache)
+      cache = {
+          "slots": jax.ShapeDtypeStruct(cache["slots"].shape,
+                                        cache["slots"].dtype, sharding=rep),
+          "layers": jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+              a.shape, a.dtype, sharding=logits.cache_sharding(a.ndim, mesh)),
+                                 cache["layers"])}
       prev = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batched)
       labels = (jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batched)
                 if model.num_classes else None)
@@ -308,9 +304,7 @@ def arvm_programs(config, mesh, latent, with_sampler: bool
       programs.append((f"decode step ({rows} rows, ring cache of {entries})",
                        lambda: fn.lower(params, prev, slot, cache, labels),
                        bool(config.arvm.get("scan_layers", False))))
-  count = sum(math.prod(a.shape) for a in jax.tree.leaves(
-      program.abstract.params))
-  return count, programs
+  return count_params(program.abstract.params), programs
 
 
 def blae_programs(config, mesh) -> tuple[int, list[tuple[str, Any]]]:
@@ -319,6 +313,7 @@ def blae_programs(config, mesh) -> tuple[int, list[tuple[str, Any]]]:
   import jax.numpy as jnp
 
   from mesp_jax.data import data_channels
+  from mesp_jax.models.blae import count_params
   from mesp_jax.train import blae as blae_train
   from mesp_jax.train import loop
 
@@ -330,11 +325,9 @@ def blae_programs(config, mesh) -> tuple[int, list[tuple[str, Any]]]:
   program = loop.build_program(config, task, example, mesh)
   batch = {"image": jax.ShapeDtypeStruct((config.train.batch_size, *shape),
                                          jnp.float32)}
-  count = sum(math.prod(a.shape) for a in jax.tree.leaves(
-      program.abstract.params))
   loops = int(config.train.get("grad_accum_steps", 1)) > 1
-  return count, [("train step", lambda: program.lower_train_step(batch),
-                  loops)]
+  train = ("train step", lambda: program.lower_train_step(batch), loops)
+  return count_params(program.abstract.params), [train]
 
 
 def _label(name: str, config) -> str:
@@ -366,12 +359,11 @@ def check(config, topology: str, latent: Any = None,
     mesh = sharding.mesh_from_config(config, devices=t.devices)
   except ValueError as e:
     raise AotError(f"{e} ({topology} has {len(t.devices)} devices)") from None
-  dp = sharding.data_parallel_size(mesh)
-  accum = int(config.train.get("grad_accum_steps", 1))
-  if config.train.batch_size % (dp * accum):
-    raise AotError(f"config.train.batch_size={config.train.batch_size} must "
-                   f"be divisible by the data-parallel size {dp} times "
-                   f"grad_accum_steps={accum} on {topology}")
+  from mesp_jax.train import loop
+  try:
+    loop.check_batch(config.train, mesh)
+  except ValueError as e:
+    raise AotError(f"{e} on {topology}") from None
   if stage == "arvm":
     config_lib.check_fields(config.arvm, "arvm", tuple(config.arvm.keys()))
     latent = _latent(config, latent)

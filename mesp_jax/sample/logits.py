@@ -104,20 +104,23 @@ def labels_or_null(model: arvm_lib.ARVM, labels: Any,
   return jnp.asarray(labels, jnp.int32)
 
 
+def cache_sharding(ndim: int, mesh: Mesh) -> NamedSharding:
+  """Sharding of one K/V cache array (:func:`arvm.init_cache` ``'layers'``):
+  [..., B, heads, L, hd] with the batch on axis -4 (after a leading layer
+  axis when the ARVM scans its layers) split over the data axes."""
+  spec = [None] * ndim
+  spec[ndim - 4] = sharding_lib.DATA_AXES
+  return NamedSharding(mesh, P(*spec))
+
+
 def constrain_cache(layers: Any, mesh: Mesh | None) -> Any:
-  """Batch-shards the K/V cache (:func:`arvm.init_cache` ``'layers'``): its
-  arrays are [..., B, heads, L, hd], the batch on axis -4 (a leading layer
-  axis when the ARVM scans its layers)."""
+  """Batch-shards the K/V cache arrays (:func:`cache_sharding`)."""
   if mesh is None:
     return layers
-
-  def one(a):
-    spec = [None] * a.ndim
-    spec[a.ndim - 4] = sharding_lib.DATA_AXES
-    return jax.lax.with_sharding_constraint(
-        a, NamedSharding(mesh, P(*spec)))
-
-  return jax.tree.map(one, layers)
+  return jax.tree.map(
+      lambda a: jax.lax.with_sharding_constraint(a, cache_sharding(a.ndim,
+                                                                   mesh)),
+      layers)
 
 
 def constrain(x: Any, mesh: Mesh | None) -> Any:

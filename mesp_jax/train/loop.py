@@ -229,6 +229,18 @@ class Program:
       return self.train_step.lower(state, batch, rng)
 
 
+def check_batch(tcfg: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ValueError unless ``tcfg.batch_size`` splits evenly over the
+  mesh's data-parallel devices and ``tcfg.grad_accum_steps`` micro-batches."""
+  dp = sharding.data_parallel_size(mesh)
+  accum = int(tcfg.get("grad_accum_steps", 1))
+  if tcfg.batch_size % (dp * accum):
+    raise ValueError(
+        f"config.train.batch_size={tcfg.batch_size} must be divisible by the "
+        f"data-parallel size {dp} (mesh {dict(mesh.shape)}) times "
+        f"config.train.grad_accum_steps={accum}")
+
+
 def build_program(config: ml_collections.ConfigDict, task: Task, example: Any,
                   mesh, tx: optax.GradientTransformation | None = None
                   ) -> Program:
@@ -381,13 +393,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   """
   tcfg = config.train
   mesh = mesh or sharding.mesh_from_config(config)
-  dp = sharding.data_parallel_size(mesh)
-  accum = int(tcfg.get("grad_accum_steps", 1))
-  if tcfg.batch_size % (dp * accum):
-    raise ValueError(
-        f"config.train.batch_size={tcfg.batch_size} must be divisible by the "
-        f"data-parallel size {dp} (mesh {dict(mesh.shape)}) times "
-        f"config.train.grad_accum_steps={accum}")
+  check_batch(tcfg, mesh)
   os.makedirs(workdir, exist_ok=True)
   tx = make_optimizer(tcfg)
   rng = jax.random.key(config.seed)
