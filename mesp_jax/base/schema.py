@@ -195,7 +195,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
                           "batch_size)"),
         ema_decay=(0.0, number(0, hi=1, below=True),
                    "0: off; else EMA of the parameters, used for eval, "
-                   "encoding and sampling")),
+                   "encoding and sampling"),
+        nan_guard=("stop", choice("stop", "skip", "off"),
+                   "a step whose loss, gradient or new parameters are not "
+                   "finite keeps the old state; stop: then stop the run, "
+                   "skip: go on (stop after max_skipped_steps in a row)"),
+        max_skipped_steps=(10, POSITIVE, "nan_guard='skip': consecutive "
+                           "skipped steps before the run stops")),
     "blae": dict(ARCHITECTURE, **_fields(
         sigma=(1.0, number(0), "training noise"),
         sigma_start=(1.0, number(0), "noise at step 0 (linear ramp)"),
@@ -251,7 +257,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         tokens_dir=("", text, "a stage 'blae_encode' workdir"),
         arvm_workdir=("", text, "a stage 'arvm' workdir"),
         feature_net_workdir=("", text, "a stage 'train_feature_net' workdir"),
-        samples=("", text, "a samples .npz")),
+        samples=("", text, "a samples .npz"),
+        allow_changed=(False, flag, "resume or consume although an input "
+                       "changed since this workdir was made (see "
+                       "provenance.json)")),
     "sweep": _fields(
         gammas=("0,1,2,3,5,global", text, "comma-separated gammas"),
         threshold_db=(25.0, number(0, above=True), "copy: PSNR >= this"),
