@@ -7,13 +7,25 @@ Each step folder holds three items: ``state`` (the sharded TrainState),
 current config so a checkpoint is never silently loaded into a different
 model. Checkpoints written before the per-process data item (one JSON
 ``loader`` item) still restore.
+
+Integrity: once a step is complete on disk, process 0 writes
+``checksums.json`` into its folder (size and SHA-256 of every file).
+Restoring verifies it, then lets Orbax read the items and checks the data
+position. A step that fails any of these is *damaged*: the owner of the
+workdir (training) moves it to ``checkpoints/damaged/<step>-<time>/`` with a
+``NOTE.txt`` saying why, and resumes from the newest good step, so a later
+save of the same step number is never blocked. Readers that only consume a
+workdir (sampling, encoding) skip a damaged step and leave it in place.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -24,6 +36,14 @@ from absl import logging
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in a workdir was written for a different model or data."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint step cannot be trusted (unreadable, or its files changed)."""
+
+
+CHECKSUMS = "checksums.json"
+DAMAGED = "damaged"
 
 
 def make_manager(directory: str, max_to_keep: int = 3,
@@ -58,10 +78,147 @@ class DataPosition:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          loader_state: dict, meta: dict) -> None:
+  """Starts saving ``step`` (asynchronously when the manager is async).
+
+  Call :func:`seal` once the save has finished (the next :func:`save` or
+  the end of training) to write the step's checksums.
+  """
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       loader=grain.checkpoint.CheckpointSave(DataPosition(loader_state)),
       meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _file_digests(folder: str) -> dict[str, list]:
+  """``{relative path: [size, sha256 hex]}`` of every file under ``folder``
+  except the checksum file itself."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if rel == CHECKSUMS:
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+          digest.update(block)
+      out[rel] = [os.path.getsize(path), digest.hexdigest()]
+  return out
+
+
+def seal(manager: ocp.CheckpointManager, steps) -> list[int]:
+  """Waits for pending saves, then writes ``checksums.json`` into the folder
+  of each of ``steps`` that still exists (Orbax may have deleted old ones).
+
+  Only process 0 writes. Returns the steps sealed.
+  """
+  manager.wait_until_finished()
+  sealed = []
+  if jax.process_index() != 0:
+    return sealed
+  for step in steps:
+    folder = step_dir(manager, step)
+    if not os.path.isdir(folder):
+      continue
+    body = json.dumps({"step": int(step), "files": _file_digests(folder)},
+                      indent=1, sort_keys=True).encode()
+    tmp = os.path.join(folder, CHECKSUMS + ".tmp")
+    with open(tmp, "wb") as f:
+      f.write(body)
+    os.replace(tmp, os.path.join(folder, CHECKSUMS))
+    sealed.append(int(step))
+  return sealed
+
+
+def verify(manager: ocp.CheckpointManager, step: int) -> bool:
+  """True if ``step`` has checksums and every file matches them; False if it
+  has none (written before checksums, or a crash before sealing).
+
+  Raises:
+    DamagedCheckpointError: a file is missing, added, or differs.
+  """
+  folder = step_dir(manager, step)
+  path = os.path.join(folder, CHECKSUMS)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      want = json.load(f)["files"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise DamagedCheckpointError(f"its {CHECKSUMS} is unreadable ({e})"
+                                 ) from None
+  got = _file_digests(folder)
+  problems = [f"{rel}: missing" for rel in sorted(set(want) - set(got))]
+  problems += [f"{rel}: not in the checksums" for rel in
+               sorted(set(got) - set(want))]
+  problems += [f"{rel}: {got[rel][0]} bytes, checksum "
+               f"{'differs' if got[rel][0] == want[rel][0] else 'and size differ'}"
+               f" (saved {want[rel][0]} bytes)"
+               for rel in sorted(set(got) & set(want))
+               if list(got[rel]) != list(want[rel])]
+  if problems:
+    raise DamagedCheckpointError("files changed since it was saved: " +
+                                 "; ".join(problems[:5]) +
+                                 (" ..." if len(problems) > 5 else ""))
+  return True
+
+
+def _verify_on_process_0(manager: ocp.CheckpointManager, step: int) -> None:
+  """:func:`verify` on process 0 with one verdict for every process (so
+  all of them skip, or restore, the same step)."""
+  if jax.process_count() == 1:
+    verify(manager, step)
+    return
+  import numpy as np
+  from jax.experimental import multihost_utils
+  why = ""
+  if jax.process_index() == 0:
+    try:
+      verify(manager, step)
+    except DamagedCheckpointError as e:
+      why = str(e)
+  bad = multihost_utils.broadcast_one_to_all(np.int32(bool(why)))
+  if int(bad):
+    raise DamagedCheckpointError(why or "its checksums do not match (see "
+                                 "process 0's log)")
+
+
+def digest(manager: ocp.CheckpointManager, step: int) -> str | None:
+  """SHA-256 of ``step``'s checksum file: one identity for the whole step
+  (None when it has no checksums)."""
+  path = os.path.join(step_dir(manager, step), CHECKSUMS)
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> str:
+  """Moves ``step`` into ``damaged/<step>-<UTC time>/`` with a NOTE.txt.
+
+  Process 0 moves; every process then reloads the manager's step list.
+  Returns the new folder.
+  """
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  target = os.path.join(str(manager.directory), DAMAGED, f"{step}-{stamp}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(step_dir(manager, step), target)
+    with open(os.path.join(target, "NOTE.txt"), "w") as f:
+      f.write(f"checkpoint step {step} was moved here at {stamp} because it "
+              f"could not be trusted:\n{why}\n\nTraining resumed from an "
+              f"older step. Nothing in this folder was changed; delete it "
+              f"when you no longer need it.\n")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
+  manager.reload()
+  return target
 
 
 def _restore_position(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -86,6 +243,20 @@ def _restore_position(manager: ocp.CheckpointManager, step: int) -> dict:
           loader=ocp.args.JsonRestore()))["loader"]
     except Exception:  # noqa: BLE001
       raise per_process from None
+
+
+def _check_position(position: Any) -> dict:
+  """The data position as saved by a loader: a dict with an int ``step``."""
+  if not isinstance(position, dict) or "step" not in position:
+    raise DamagedCheckpointError(f"its data position is not a loader state: "
+                                 f"{str(position)[:80]!r}")
+  try:
+    if int(position["step"]) < 0:
+      raise ValueError("negative")
+  except (TypeError, ValueError):
+    raise DamagedCheckpointError(f"its data position has step "
+                                 f"{position['step']!r}") from None
+  return position
 
 
 def upgrade_meta(saved: dict) -> dict:
@@ -125,18 +296,22 @@ def _compare_meta(saved: dict, current: dict, directory: str) -> None:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   meta: dict, with_position: bool = True
+                   meta: dict, with_position: bool = True,
+                   move_damaged: bool = False
                    ) -> tuple[int, Any, dict | None] | None:
-  """Restores the newest readable checkpoint, or returns None if none exist.
+  """Restores the newest good checkpoint, or returns None if there is none.
 
   ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings;
   ``with_position=False`` skips the data position (inference).
-  A step that cannot be read (e.g. a crash while it was written) is skipped
-  with a warning and the next older one is tried; nothing is deleted.
+  Each step, newest first, is verified against its checksums, then its
+  meta, state and data position are read. A damaged step is skipped with a
+  warning; with ``move_damaged`` (the workdir's owner, training) it is moved
+  into ``damaged/`` (:func:`quarantine`), so its number can be saved again.
 
   Raises:
     CheckpointMismatchError: the checkpoint's meta differs from ``meta``.
-    RuntimeError: checkpoints exist but none can be read.
+    RuntimeError: checkpoints exist, none can be read and ``move_damaged``
+      is off.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -144,27 +319,46 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   errors = []
   for step in steps:
     try:
-      saved_meta = manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # noqa: BLE001 - report and try an older step
-      errors.append(f"step {step}: {type(e).__name__}: {e}")
-      logging.warning("checkpoint step %d unreadable: %s", step, e)
-      continue
-    _compare_meta(saved_meta, meta, str(manager.directory))
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-      position = (_restore_position(manager, step) if with_position
-                  else None)
-    except Exception as e:  # noqa: BLE001
-      errors.append(f"step {step}: {type(e).__name__}: {e}")
-      logging.warning("checkpoint step %d unreadable: %s", step, e)
+      try:
+        _verify_on_process_0(manager, step)
+        saved_meta = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any failure means damaged
+        raise DamagedCheckpointError(f"{type(e).__name__}: {e}") from None
+      _compare_meta(saved_meta, meta, str(manager.directory))
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        position = (_check_position(_restore_position(manager, step))
+                    if with_position else None)
+      except DamagedCheckpointError:
+        raise
+      except Exception as e:  # noqa: BLE001
+        raise DamagedCheckpointError(f"{type(e).__name__}: {e}") from None
+    except DamagedCheckpointError as e:
+      why = str(e)
+      if move_damaged:
+        where = quarantine(manager, step, why)
+        note = f"moved to {where}"
+      else:
+        note = "left in place"
+      errors.append(f"step {step}: {why[:500]} ({note})")
+      logging.warning("checkpoint step %d is damaged (%s): %s", step, note,
+                      why)
+      if jax.process_index() == 0:
+        print(f"warning: checkpoint step {step} in {manager.directory} is "
+              f"damaged ({why[:300]}); {note}", flush=True)
       continue
     return step, restored["state"], position
+  if move_damaged:
+    return None
   raise RuntimeError(
       f"checkpoints exist in {manager.directory} but none can be read:\n  "
-      + "\n  ".join(errors) + "\nMove the broken step folders away (they are "
-      "left untouched) or use a new --workdir.")
+      + "\n  ".join(errors) + "\nRerun the training stage in that workdir "
+      "(it moves damaged steps aside and resumes) or use a new --workdir.")
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

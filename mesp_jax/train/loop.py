@@ -149,8 +149,15 @@ def accumulated_grads(loss_fn, params, batch, rng, step, k: int):
   return jax.tree.map(lambda x: x / k, total)
 
 
+def all_finite(tree) -> jax.Array:
+  """True iff every element of every leaf is finite (a bool scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(loss_fn, tx: optax.GradientTransformation,
-                    grad_accum_steps: int = 1, ema_decay: float = 0.0):
+                    grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                    nan_guard: str = "off"):
   """``(state, batch, base_rng) -> (state, metrics)`` for a pure loss_fn.
 
   The step's randomness is ``fold_in(base_rng, state.step)``, so it does not
@@ -158,7 +165,17 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation,
   ``grad_accum_steps = k > 1`` the gradient is the mean over k micro-batches
   (:func:`accumulated_grads`); with ``ema_decay > 0`` the state's
   ``ema_params`` follow the parameters.
+
+  With ``nan_guard`` 'stop' or 'skip' the step is *good* when the loss, the
+  gradient norm and the new parameters' global norm (float32, so parameters
+  past about 1e19 count as blown up) are all finite and the new parameters
+  hold no NaN or inf. A bad step keeps the old parameters, optimizer and
+  EMA state (only ``step`` advances, as its batch was consumed) and reports
+  ``skipped = 1``; the host decides whether to stop (:func:`train`).
   """
+  if nan_guard not in ("off", "stop", "skip"):
+    raise ValueError(f"nan_guard={nan_guard!r}; choose 'off', 'stop' or "
+                     "'skip'")
 
   def train_step(state: TrainState, batch, base_rng):
     step_rng = jax.random.fold_in(base_rng, state.step)
@@ -170,9 +187,20 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation,
     if ema_decay:
       d = ema_decay_at(ema_decay, state.step)
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    return TrainState(step=state.step + 1, params=params,
-                      opt_state=opt_state, ema_params=ema), metrics
+    grad_norm = optax.tree.norm(grads)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                     ema_params=ema)
+    if nan_guard != "off":
+      param_norm = optax.tree.norm(jax.tree.map(
+          lambda x: x.astype(jnp.float32), params))
+      good = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
+              jnp.isfinite(param_norm) & all_finite(params))
+      kept = state.replace(step=state.step + 1)
+      new = jax.tree.map(lambda n, o: jnp.where(good, n, o), new, kept)
+      metrics.update(param_norm=param_norm,
+                     skipped=1.0 - good.astype(jnp.float32))
+    return new, metrics
 
   return train_step
 
@@ -229,6 +257,12 @@ class Program:
       return self.train_step.lower(state, batch, rng)
 
 
+def nan_guard_of(tcfg: ml_collections.ConfigDict) -> str:
+  """``tcfg.nan_guard``, or the schema's default for configs without it."""
+  from mesp_jax.base.schema import SCHEMA
+  return tcfg.get("nan_guard", SCHEMA["train"]["nan_guard"].default)
+
+
 def check_batch(tcfg: ml_collections.ConfigDict, mesh) -> None:
   """Raises ValueError unless ``tcfg.batch_size`` splits evenly over the
   mesh's data-parallel devices and ``tcfg.grad_accum_steps`` micro-batches."""
@@ -272,7 +306,8 @@ def build_program(config: ml_collections.ConfigDict, task: Task, example: Any,
   abstract = sharding.unbox(boxed)
   batch_shard = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
-  train_step = jax.jit(make_train_step(task.loss_fn, tx, accum, ema_decay),
+  train_step = jax.jit(make_train_step(task.loss_fn, tx, accum, ema_decay,
+                                       nan_guard_of(tcfg)),
                        in_shardings=(state_shardings, batch_shard, repl),
                        out_shardings=(state_shardings, repl),
                        donate_argnums=(0,))
@@ -358,7 +393,64 @@ class _StopRequest:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; no checkpoint of that state is saved."""
+  """Training hit non-finite values; no checkpoint of a bad state is saved."""
+
+
+def _newest_checkpoint(manager, directory: str) -> str:
+  step = manager.latest_step()
+  if step is None:
+    return (f"no checkpoint was saved yet in {directory}, so a rerun starts "
+            f"from step 0")
+  return (f"the newest checkpoint, step {step} in {directory}, holds finite "
+          f"parameters (the guard never lets a bad step into the state) and "
+          f"a rerun resumes from it")
+
+
+class _Guard:
+  """The host half of the NaN guard: reads each step's ``skipped`` flag
+  when metrics are flushed and decides whether to stop."""
+
+  def __init__(self, mode: str, max_skipped: int, stage: str):
+    self.mode, self.max_skipped, self.stage = mode, max_skipped, stage
+    self.in_a_row = 0
+    self.total = 0
+
+  def check(self, rows: list[tuple[int, int, dict]], manager, directory: str,
+            hint: str) -> None:
+    """``rows``: (step, batch index, host metrics) in step order."""
+    for step, batch_index, m in rows:
+      bad = (m.get("skipped", 0.0) > 0 if self.mode != "off"
+             else not np.isfinite(m["loss"]))
+      if not bad:
+        self.in_a_row = 0
+        continue
+      self.total += 1
+      self.in_a_row += 1
+      what = (f"loss {m['loss']:.4g}, gradient norm "
+              f"{m.get('grad_norm', float('nan')):.4g}, parameter norm "
+              f"{m.get('param_norm', float('nan')):.4g}")
+      if self.mode == "off":
+        raise NonFiniteLossError(
+            f"{self.stage}: the loss became {m['loss']} at step {step} (data "
+            f"batch {batch_index}); config.train.nan_guard='off', so the "
+            f"state may be ruined and nothing after the last checkpoint is "
+            f"saved: {_newest_checkpoint(manager, directory)}. {hint}")
+      if self.mode == "stop":
+        raise NonFiniteLossError(
+            f"{self.stage}: step {step} (data batch {batch_index}) was not "
+            f"finite ({what}); it was not applied and training stopped "
+            f"(config.train.nan_guard='stop'): "
+            f"{_newest_checkpoint(manager, directory)}. {hint} Or set "
+            f"config.train.nan_guard=skip to step over such batches.")
+      logging.warning("%s: skipped step %d (data batch %d): %s", self.stage,
+                      step, batch_index, what)
+      if self.in_a_row >= self.max_skipped:
+        raise NonFiniteLossError(
+            f"{self.stage}: {self.in_a_row} steps in a row were not finite "
+            f"(the last: step {step}, data batch {batch_index}, {what}); "
+            f"they were skipped and training stopped "
+            f"(config.train.max_skipped_steps={self.max_skipped}): "
+            f"{_newest_checkpoint(manager, directory)}. {hint}")
 
 
 def _average(sums: dict[str, np.ndarray], count: float) -> dict[str, Any]:
@@ -406,12 +498,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   program = build_program(config, task, example, mesh, tx)
   abstract, state_shardings = program.abstract, program.shardings
 
-  manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  manager = ckpt.make_manager(ckpt_dir,
                               max_to_keep=tcfg.get("keep_checkpoints", 3),
                               async_save=tcfg.get("async_checkpoint", True))
   restored = ckpt.restore_latest(
       manager, ckpt.abstract_with_shardings(abstract, state_shardings),
-      task.meta)
+      task.meta, move_damaged=True)
   writer = MetricWriter(workdir, tensorboard=tcfg.get("tensorboard", True))
   if restored is None:
     state = program.init(init_rng)
@@ -437,31 +530,43 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   ckpt_every = int(tcfg.get("checkpoint_every", 0)) or num_steps
   vis_every = int(tcfg.get("visualize_every", 0)) or eval_every
   progress = Progress(num_steps, start, task.name)
-  pending: list[dict] = []
+  guard = _Guard(nan_guard_of(tcfg), int(tcfg.get("max_skipped_steps", 10)),
+                 task.name)
+  hint = ("Lower config.train.learning_rate, enable config.train.grad_clip "
+          "or check the data, then rerun the same command.")
+  pending: list[tuple[int, int, dict]] = []  # (step, batch index, metrics)
+  unsealed: list[int] = []  # steps saved by this run, checksums not written
 
   def flush(step: int) -> None:
     if not pending:
       return
-    host = sharding.to_host(pending)
+    host = sharding.to_host([m for _, _, m in pending])
+    rows = [(s, b, m) for (s, b, _), m in zip(pending, host, strict=True)]
     pending.clear()
+    guard.check(rows, manager, ckpt_dir, hint)
     mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-    if not np.isfinite(mean["loss"]):
-      raise NonFiniteLossError(
-          f"{task.name}: the loss became {mean['loss']} by step {step}; the "
-          f"last good checkpoint in {workdir}/checkpoints is kept. Lower "
-          f"config.train.learning_rate or enable config.train.grad_clip.")
+    if "skipped" in mean:
+      mean["skipped"] = float(np.sum([m["skipped"] for m in host]))
     writer.write(step, mean, "train")
     progress.update(step, mean)
+
+  def save(step: int) -> None:
+    ckpt.seal(manager, unsealed)  # the previous save is complete by now
+    unsealed.clear()
+    ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
+    unsealed.append(step)
 
   step = start
   stop = _StopRequest()
   stop.install()
+  finished = False
   try:
     while step < num_steps:
+      batch_index = int(iter_peek.get_state().get("step", step))
       batch = sharding.shard_batch(next(iter_peek), mesh)
       state, metrics = p_train_step(state, batch, train_rng)
       step += 1
-      pending.append(metrics)
+      pending.append((step, batch_index, metrics))
       if step % log_every == 0 or step == num_steps:
         flush(step)
       if p_eval_step is not None and (step % eval_every == 0
@@ -477,17 +582,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
       saved = step % ckpt_every == 0 or step == num_steps
       if saved:
         flush(step)
-        ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
+        save(step)
       if stop.should_stop(step) and step < num_steps:
         flush(step)
         if not saved:
-          ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
-        manager.wait_until_finished()
-        raise Preempted(task.name, step, os.path.join(workdir, "checkpoints"),
-                        stop.received)
+          save(step)
+        ckpt.seal(manager, unsealed)
+        unsealed.clear()
+        raise Preempted(task.name, step, ckpt_dir, stop.received)
+    finished = True
   finally:
     stop.restore()
-    manager.wait_until_finished()
+    # Seal what this run saved (the saves are complete by then), also when
+    # it stops on an error: those steps were written before the error.
+    try:
+      ckpt.seal(manager, unsealed)
+    except Exception:  # noqa: BLE001 - do not hide the original error
+      if finished:
+        raise
+      logging.exception("could not write checkpoint checksums")
     writer.close()
     iter_peek.close()
   return state
