@@ -260,7 +260,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         samples=("", text, "a samples .npz"),
         allow_changed=(False, flag, "resume or consume although an input "
                        "changed since this workdir was made (see "
-                       "provenance.json)")),
+                       "<stage>_provenance.json)")),
     "sweep": _fields(
         gammas=("0,1,2,3,5,global", text, "comma-separated gammas"),
         threshold_db=(25.0, number(0, above=True), "copy: PSNR >= this"),

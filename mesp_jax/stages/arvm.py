@@ -20,7 +20,7 @@ from mesp_jax.base import io, sharding
 from mesp_jax.data import DataNotFoundError
 from mesp_jax.data.sources import _tfds_build_dir, default_tfds_dir
 from mesp_jax.sample import samplers
-from mesp_jax.train import arvm, blae, loop
+from mesp_jax.train import arvm, blae, loop, provenance
 
 GRID_SAMPLES = 16
 
@@ -71,10 +71,26 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   config_lib.validate(config, "arvm")
+  provenance.absolute_inputs(config)
   check_inputs(config)
+  splits = (config.tokens.get("train_split", "train"),
+            config.tokens.get("eval_split", "test"))
+  provenance.check_and_record(
+      workdir, "arvm", config,
+      {"tokens": provenance.tokens_identity(config.inputs.tokens_dir,
+                                            splits)},
+      resuming=provenance.has_checkpoints(workdir))
   mesh = sharding.mesh_from_config(config)
   train_src, _ = arvm.token_sources(config)
   blae_dir = arvm.blae_workdir_for(config, train_src)
+  if blae_dir and not os.path.exists(os.path.join(blae_dir,
+                                                  "blae_config.json")):
+    # Checked now, not at the first sample grid after hours of training.
+    if io.is_writer():
+      print(f"warning: {blae_dir} (the BL-AE of these tokens) is not a "
+            f"trained 'blae' workdir, so no samples_latest.png is drawn; set "
+            f"config.inputs.blae_workdir to draw them", flush=True)
+    blae_dir = ""
   cache = {}
 
   def visualize(model, params, step, workdir_):

@@ -22,7 +22,7 @@ from mesp_jax.base import config as config_lib
 from mesp_jax.base import io, sharding
 from mesp_jax.data import source_from_config
 from mesp_jax.data import tokens as tokens_lib
-from mesp_jax.train import blae
+from mesp_jax.train import blae, provenance
 
 
 class _Share:
@@ -69,6 +69,7 @@ def _local_blae(blae_dir: str, mesh):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config, "blae_encode")
+  provenance.absolute_inputs(config)
   blae_dir = os.path.abspath(config.inputs.blae_workdir or workdir)
   p, num_p = jax.process_index(), jax.process_count()
   # This process's devices only (no collectives); config.mesh.fsdp splits
@@ -109,5 +110,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"[{start}, {stop}) of {n} -> tokens {tokens.shape[1:]} of "
                  f"{model.bits} bits -> {shard}")
     written[split] = manifest
+  # Re-encoding rewrites the tokens, so nothing is refused here; the record
+  # lets every consumer of these tokens see which BL-AE step made them.
+  provenance.check_and_record(
+      workdir, "blae_encode", config,
+      {"blae": provenance.checkpoint_identity(blae_dir, step)},
+      resuming=False)
   print("\n".join(lines), flush=True)
   return written

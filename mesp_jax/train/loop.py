@@ -29,6 +29,7 @@ from absl import logging
 
 from mesp_jax.base import io, sharding
 from mesp_jax.train import checkpoint as ckpt
+from mesp_jax.train import provenance
 from mesp_jax.train.metrics import MetricWriter, Progress
 
 
@@ -517,8 +518,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     logging.info("resumed %s from step %d", task.name, start)
     if io.is_writer():
       print(f"[{task.name}] resumed from checkpoint step {start}", flush=True)
-  io.write_json(os.path.join(workdir, f"{task.name}_config.json"),
-                config.to_dict())
+  provenance.keep_config(workdir, task.name, config.to_dict())
 
   p_train_step = program.call(program.train_step)
   p_eval_step = (program.call(program.eval_step)
