@@ -276,3 +276,23 @@ def test_guarded_step_equals_the_plain_step_when_finite():
   jax.tree.map(np.testing.assert_array_equal, state.params, kept.params)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state,
                kept.opt_state)
+
+
+# --------------------------------------------------------------------------
+# Paths.
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["workdir", "tokens_dir"])
+def test_uri_paths_are_refused_before_anything_is_written(
+    repo_root, tmp_path, monkeypatch, field):
+  from mesp_jax import stages
+  from mesp_jax.base.config import ConfigError, load_config
+  monkeypatch.chdir(tmp_path)
+  config = load_config(os.path.join(repo_root,
+                                    "configs/arvm_fashion_mnist.py:smoke"))
+  config.inputs.tokens_dir = (
+      "gs://bucket/tokens" if field == "tokens_dir" else str(tmp_path))
+  workdir = "gs://bucket/run" if field == "workdir" else str(tmp_path / "w")
+  with pytest.raises(ConfigError, match=r"gs:// URIs are not read.*gcsfuse.*"
+                     r"/gcs/bucket"):
+    stages.run(config, workdir)
+  assert os.listdir(tmp_path) == []  # no ./gs:/ folder, nothing else

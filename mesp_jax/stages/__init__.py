@@ -9,8 +9,14 @@ runs, and no library module imports a stage.
 from __future__ import annotations
 
 import importlib
+import os
+import re
 
 import ml_collections
+
+from mesp_jax.base.config import ConfigError
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # config.stage -> module in this package. 'kernel_sample' is the stage
 # 'sample' with the kernel sampler (its earlier name).
@@ -28,11 +34,39 @@ STAGES = {
 }
 
 
+def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses URI workdirs and inputs (``gs://...``) before anything runs.
+
+  Every stage reads and writes through local file APIs (memory-mapped token
+  shards, appended metrics, atomic renames), so a URI would become a local
+  folder named ``gs:`` on each worker. A bucket mounted with Cloud Storage
+  FUSE at the same path on every worker works (``launch/tpu_pod.sh`` does
+  that for ``gs://`` workdirs).
+  """
+  named = [("--workdir", workdir)] + [
+      (f"config.inputs.{k}", v)
+      for k, v in (config.get("inputs") or {}).items() if isinstance(v, str)]
+  for name, value in named:
+    if value and _URI.match(value):
+      scheme = value.split("://", 1)[0]
+      bucket = value.split("://", 1)[1].split("/", 1)[0]
+      raise ConfigError(
+          f"{name}={value!r}: {scheme}:// URIs are not read or written "
+          f"directly. Mount the bucket on every machine at the same path "
+          f"(e.g. gcsfuse --implicit-dirs --rename-dir-limit=200000 {bucket} "
+          f"/gcs/{bucket}) and give that path (/gcs/{bucket}/...); "
+          f"launch/tpu_pod.sh does this for gs:// workdirs.")
+  if os.path.isfile(workdir):
+    raise ConfigError(f"--workdir={workdir!r} is a file; give a folder (it is "
+                      f"created if missing)")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
   """Runs the stage named by ``config.stage`` in ``workdir``."""
   stage = config.get("stage")
   if stage not in STAGES:
-    raise ValueError(f"config.stage={stage!r} is not a stage; choose one of "
-                     f"{sorted(STAGES)}")
+    raise ConfigError(f"config.stage={stage!r} is not a stage; choose one of "
+                      f"{sorted(STAGES)}")
+  check_paths(config, workdir)
   module = importlib.import_module(f"{__name__}.{STAGES[stage]}")
   return module.run(config, workdir)
