@@ -102,3 +102,21 @@ def test_earlier_configs_are_kept_and_paths_made_absolute(
   assert len(history) == 1
   with open(history[0]) as f:
     assert json.load(f)["train"]["learning_rate"] != 3e-4
+
+
+def test_a_blae_resumed_on_other_data_is_refused(repo_root, tmp_path):
+  """The record alone: a BL-AE checkpoint (same image shape, so the model
+  meta matches) must not continue on another data set."""
+  config = load_config(os.path.join(repo_root,
+                                    "configs/blae_fashion_mnist.py:smoke"))
+  inputs = {"data": {"name": "fashion_mnist", "image_size": 32}}
+  provenance.check_and_record(str(tmp_path), "blae", config, inputs,
+                              resuming=False)
+  other = {"data": {"name": "mnist", "image_size": 32}}
+  with pytest.raises(provenance.InputsChangedError,
+                     match="data.name: was 'fashion_mnist', now 'mnist'"):
+    provenance.check_and_record(str(tmp_path), "blae", config, other,
+                                resuming=True)
+  provenance.check_and_record(str(tmp_path), "blae", config, other,
+                              resuming=False)  # a fresh start may
+  assert provenance.read(str(tmp_path), "blae")["inputs"] == other

@@ -117,6 +117,20 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_finishes(
     assert ckpt.verify(manager, step)
 
 
+def test_when_every_step_is_damaged_the_run_starts_again(
+    repo_root, tmp_path, straight, four_steps):
+  workdir = _copy(four_steps, tmp_path)
+  for step in ("2", "4"):
+    _random_bytes(str(workdir / "checkpoints" / step))
+  _run(smoke_config(repo_root, **KW), workdir)
+  moved = sorted(p.name.split("-")[0]
+                 for p in (workdir / "checkpoints" / ckpt.DAMAGED).iterdir())
+  assert moved == ["2", "4"]
+  got = train_losses(workdir)
+  for step in range(1, 7):  # from step 0: the same losses as straight
+    assert got[step] == pytest.approx(straight[step], rel=1e-6), step
+
+
 def test_a_reader_skips_a_damaged_step_and_leaves_it(repo_root, tmp_path,
                                                      four_steps):
   workdir = _copy(four_steps, tmp_path)
