@@ -11,7 +11,19 @@ before anything is compiled or trained, with the field named and the allowed
 values.
 
 ``main.py`` loads configs with ``config_flags``; benchmarks and tests use
-:func:`load_config` (``path.py:variant`` syntax).
+:func:`load_config` (``path.py:variant`` syntax). Before absl parses the
+flags, ``main.py`` runs :func:`check_command_line` (a missing config file, a
+``--config.*`` flag that names no field, with a "did you mean", or a value of
+the wrong type) and then :func:`check_workdir`, so these mistakes are one
+paragraph (:class:`ConfigError`, :class:`WorkdirError`), not a traceback.
+
+gamma fields (``arvm.gamma``, ``kernel.gamma``) hold an int or ``'global'``
+(:mod:`mesp_jax.base.gamma`). A ``ConfigDict`` fixes a field's type at its
+first value, so :func:`section` makes these fields ``FieldReference`` s of
+type ``object``: ``--config.arvm.gamma=global`` and ``=5`` both work (the
+latter still gives the int 5), and the saved config (``to_dict``, JSON,
+checkpoint meta) holds the plain value as before. The schema rule checks the
+value at stage entry.
 """
 
 from __future__ import annotations
@@ -19,8 +31,12 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
+import tempfile
+from collections.abc import Sequence
 
 import ml_collections
+from absl import flags
 
 from mesp_jax.base.schema import (
     COUNT,
@@ -30,28 +46,86 @@ from mesp_jax.base.schema import (
     Field,
     flag,
 )
+from mesp_jax.base.schema import gamma as gamma_rule
 
-__all__ = ["SCHEMA", "STAGE_SECTIONS", "TOP_LEVEL", "ConfigError", "Field",
-           "check_fields", "load_config", "section", "smoke", "validate"]
+__all__ = ["SCHEMA", "STAGE_SECTIONS", "TOP_LEVEL", "ConfigError",
+           "ConfigFileError", "Field", "WorkdirError", "check_command_line",
+           "check_config_file", "check_fields", "check_workdir",
+           "load_config", "section", "smoke", "validate"]
+
+# The repository's configs/ folder (listed when a config file is missing).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
 
 
 class ConfigError(ValueError):
   """A config value that no stage can run with; the message names the field."""
 
 
+class ConfigFileError(ConfigError, FileNotFoundError):
+  """A config file that is not there (also a FileNotFoundError)."""
+
+
+def check_config_file(path: str) -> None:
+  """Raises ConfigFileError unless ``path`` is a file; the message lists the
+  ``.py`` files of its folder (else of the repository's ``configs/``)."""
+  if os.path.isfile(path):
+    return
+  what = ("is a folder, not a config file" if os.path.isdir(path)
+          else "does not exist")
+  folder = os.path.dirname(path) or "."
+  if not os.path.isdir(folder) and os.path.isdir(CONFIGS_DIR):
+    folder = CONFIGS_DIR
+  names = (sorted(f for f in os.listdir(folder)
+                  if f.endswith(".py") and not f.startswith("_"))
+           if os.path.isdir(folder) else [])
+  listing = hint = ""
+  if names:
+    listing = f" {folder} holds {', '.join(names)}."
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    if close:
+      hint = f" Did you mean {os.path.join(folder, close[0])!r}?"
+  raise ConfigFileError(
+      f"config file {path!r} {what} (relative paths start at "
+      f"{os.getcwd()}).{listing}{hint} Give --config=FILE.py or "
+      f"FILE.py:variant.")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """``'configs/x.py:variant'`` -> ``get_config('variant')`` of that file."""
+  """``'configs/x.py:variant'`` -> ``get_config('variant')`` of that file.
+
+  Raises:
+    ConfigFileError: the file is missing (the message lists the configs).
+    ConfigError: the file has no ``get_config``.
+  """
   path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file not found: {path!r}")
+  check_config_file(path)
   module_spec = importlib.util.spec_from_file_location("_mesp_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {path!r} defines no get_config(); a "
+                      f"config file returns its ConfigDict from "
+                      f"get_config(variant='')")
   return module.get_config(arg) if arg else module.get_config()
 
 
+def _any_type(value):
+  """``value`` as a field that accepts a value of any type (gamma: int or
+  'global'); its type is checked by the schema rule instead."""
+  if isinstance(value, ml_collections.FieldReference):
+    return value
+  return ml_collections.FieldReference(value, field_type=object)
+
+
 def section(section_name: str, /, **overrides) -> ml_collections.ConfigDict:
-  """A section with its defaults and ``overrides`` (names are checked)."""
+  """A section with its defaults and ``overrides`` (names are checked).
+
+  gamma fields are ``FieldReference`` s of any type (the module docstring):
+  a shallow copy (``ConfigDict(section)``) shares them, so copy a section
+  with ``ConfigDict(section.to_dict())`` or ``copy.deepcopy`` before changing
+  its gamma.
+  """
   name = section_name
   schema = SCHEMA[name]
   unknown = set(overrides) - set(schema)
@@ -60,6 +134,9 @@ def section(section_name: str, /, **overrides) -> ml_collections.ConfigDict:
                       f"{_did_you_mean(sorted(unknown)[0], schema)}")
   values = {k: f.default for k, f in schema.items()}
   values.update(overrides)
+  for key, field in schema.items():
+    if field.rule is gamma_rule:
+      values[key] = _any_type(values[key])
   if name == "sweep" and values["neural"] is None:
     values["neural"] = section("sweep.neural")
   return ml_collections.ConfigDict(values)
@@ -250,3 +327,155 @@ _RULES = {"blae": _rules_blae, "arvm": _rules_arvm, "sample": _rules_sample,
           "gamma_sweep": _rules_sweep,
           "train_feature_net": _rules_feature_net,
           "evaluate": _rules_evaluate, "mesp_study": _rules_mesp}
+
+
+# --------------------------------------------------------------------------
+# The command line: checks main.py runs before absl parses the flags and
+# before any stage starts (one paragraph for the user, not a traceback).
+# --------------------------------------------------------------------------
+class WorkdirError(OSError):
+  """``--workdir`` is not a folder this process can create and write."""
+
+
+# --config.a.b=value, --config.a.b (a boolean) and --noconfig.a.b.
+_OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+?)(?:=(.*))?$", re.S)
+_CONFIG_ARG = re.compile(r"^--?config(?:=(.*))?$", re.S)
+# Field type -> (the parser ml_collections uses for it, what it accepts).
+_PARSERS = {int: (flags.IntegerParser(), "an int"),
+            float: (flags.FloatParser(), "a number"),
+            bool: (flags.BooleanParser(), "true or false")}
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+  """The value of the last ``--config`` flag of ``argv`` (None: absent)."""
+  spec = None
+  for i, arg in enumerate(argv):
+    if arg == "--":
+      break
+    match = _CONFIG_ARG.match(arg)
+    if match:
+      value = match.group(1)
+      if value is None:  # --config PATH
+        value = argv[i + 1] if i + 1 < len(argv) else None
+      spec = value
+  return spec
+
+
+def _overrides(argv: Sequence[str]) -> list[tuple[str, str | None, str]]:
+  """(field path, value or None, the argument) of each ``--config.*`` flag."""
+  out = []
+  for arg in argv:
+    if arg == "--":
+      break
+    match = _OVERRIDE.match(arg)
+    if match:
+      negated, path, value = match.groups()
+      out.append((path, "false" if negated else value, arg))
+  return out
+
+
+def _check_override(config: ml_collections.ConfigDict, path: str,
+                    value: str | None, arg: str) -> None:
+  """Raises ConfigError unless ``--config.{path}={value}`` names a field of
+  ``config`` and ``value`` parses as that field's type."""
+  parts = path.split(".")
+  if any(not p or "[" in p for p in parts):
+    return  # indexing syntax (a.b[0]): left to ml_collections
+  holder = config
+  for i, part in enumerate(parts):
+    where = ".".join(["config"] + parts[:i])
+    if not isinstance(holder, (ml_collections.ConfigDict, dict)):
+      raise ConfigError(
+          f"{arg}: {where} is a value ({holder!r}), not a section, so it has "
+          f"no field {part!r}; set {where} itself")
+    if part not in holder:
+      keys = sorted(holder.keys())
+      close = difflib.get_close_matches(part, keys, n=1)
+      hint = f"; did you mean {where}.{close[0]}?" if close else ""
+      raise ConfigError(
+          f"{arg}: {where} has no field {part!r}{hint} (the fields of "
+          f"{where}: {', '.join(keys)})")
+    if i == len(parts) - 1:
+      break
+    holder = holder[part]
+  key = parts[-1]
+  current = holder[key]
+  field_type = (holder.get_type(key) if isinstance(
+      holder, ml_collections.ConfigDict) else type(current))
+  name = "config." + path
+  if field_type is type(None):
+    raise ConfigError(
+        f"{arg}: {name} is None in this config, and the command line can "
+        f"only set fields that hold a value of a fixed type; set it in the "
+        f"config file")
+  if value is None or field_type not in _PARSERS:
+    return
+  parser, accepted = _PARSERS[field_type]
+  try:
+    parser.parse(value)
+  except ValueError:
+    raise ConfigError(
+        f"{arg}: {name} takes {accepted} (this config has {current!r}), not "
+        f"{value!r}; give e.g. --{name}={current!r}") from None
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+  """Checks ``--config`` and every ``--config.*`` flag of ``argv`` before
+  absl parses them, so that a mistake is one paragraph, not a traceback.
+
+  Raises:
+    ConfigError: the config file is missing or its ``get_config`` refuses
+      the variant; a flag names no field (with a "did you mean"); a value
+      does not parse as its field's type. The message names the flag.
+  """
+  argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+  spec = _config_spec(argv)
+  if spec is None:
+    return  # absl reports the missing required flag
+  try:
+    config = load_config(spec)
+  except ConfigError as e:
+    raise ConfigError(f"--config={spec}: {e}") from e
+  except ValueError as e:  # e.g. an unknown variant
+    raise ConfigError(f"--config={spec}: {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"--config={spec}: get_config() returned "
+                      f"{type(config).__name__}, not a ConfigDict")
+  for path, value, arg in _overrides(argv):
+    _check_override(config, path, value, arg)
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates ``workdir`` if needed and checks that files can be written in
+  it; returns its absolute path.
+
+  Raises:
+    WorkdirError: naming the path and what is in the way.
+  """
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(
+        f"--workdir={workdir} is an existing file, not a folder: give the "
+        f"path of a folder (it is created if missing) or move the file away")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent) and not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    blocker = (f"{parent} is a file, not a folder" if os.path.isfile(parent)
+               else f"the nearest existing parent is {parent}")
+    raise WorkdirError(
+        f"--workdir={workdir}: cannot create the folder {path} "
+        f"({e.strerror or e}; {blocker}); choose a workdir under a folder you "
+        f"can write to, or create it with the right permissions") from None
+  try:
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+        f"--workdir={workdir}: cannot write files in {path} "
+        f"({e.strerror or e}); fix its permissions or choose another "
+        f"workdir") from None
+  return path

@@ -22,6 +22,8 @@ import struct
 
 import numpy as np
 
+from mesp_jax.base.config import ConfigError
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 TFDS_NAMES = ("mnist", "cifar10", "celeb_a", "imagenet2012", "fashion_mnist")
 DATASETS = ("fashion_mnist",) + tuple(n for n in TFDS_NAMES
@@ -32,21 +34,58 @@ class DataNotFoundError(FileNotFoundError):
   """The requested data is not on this machine; the message says what to do."""
 
 
-def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally gzipped) into a numpy array."""
+class DataError(ValueError):
+  """Data on disk that cannot be used as it is (truncated, corrupt, another
+  format or out-of-range values); the message names the file, what is wrong
+  and what to do."""
+
+
+_REPLACE_FILE = "replace the file with a good copy"
+FASHION_MNIST_FIX = (
+    "reinstall the data (sudo apt-get install --reinstall "
+    "dataset-fashion-mnist) or point config.data.fashion_mnist_dir at a "
+    "folder holding the four original Fashion-MNIST IDX files")
+
+
+def read_idx(path: str, ndim: int | None = None,
+             fix: str = _REPLACE_FILE) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped) of unsigned bytes.
+
+  Args:
+    path: the file.
+    ndim: the number of dimensions it must have (None: any).
+    fix: what the error message tells the user to do.
+
+  Raises:
+    DataError: the file is unreadable, truncated, not an unsigned-byte IDX
+      file or has another number of dimensions; the message names it.
+  """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:  # BadGzipFile, a truncated stream, ...
+    raise DataError(f"{path} is unreadable ({e}): the file is damaged or "
+                    f"truncated; {fix}") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
-    raise ValueError(f"{path} is not an IDX file (bad magic number)")
-  dtype_code, ndim = data[2], data[3]
+    raise DataError(f"{path} is not an IDX file (bad magic number "
+                    f"{data[:4].hex() or 'none: the file is empty'}); {fix}")
+  dtype_code, dims = data[2], data[3]
   if dtype_code != 0x08:
-    raise ValueError(f"{path}: only unsigned-byte IDX files are supported")
-  shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    raise DataError(f"{path} is an IDX file of type 0x{dtype_code:02x}, not "
+                    f"of unsigned bytes (0x08); {fix}")
+  if ndim is not None and dims != ndim:
+    raise DataError(f"{path} holds a {dims}-dimensional array, expected "
+                    f"{ndim} dimensions; {fix}")
+  if len(data) < 4 + 4 * dims:
+    raise DataError(f"{path} is truncated inside its header; {fix}")
+  shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
+  body = np.frombuffer(data, np.uint8, offset=4 + 4 * dims)
   if body.size != int(np.prod(shape)):
-    raise ValueError(f"{path} is truncated: expected {np.prod(shape)} values, "
-                     f"found {body.size}; reinstall the data package")
+    state = "truncated" if body.size < int(np.prod(shape)) else "too long"
+    raise DataError(f"{path} is {state}: its header promises {shape} = "
+                    f"{int(np.prod(shape))} values, the file holds "
+                    f"{body.size}; {fix}")
   return body.reshape(shape)
 
 
@@ -88,15 +127,33 @@ def pad_to(images: np.ndarray, size: int) -> np.ndarray:
 def _fashion_mnist_debian(split: str, directory: str) -> ArraySource | None:
   prefix = {"train": "train", "test": "t10k"}.get(split)
   if prefix is None:
-    raise ValueError(f"fashion_mnist has splits 'train' and 'test', not "
-                     f"{split!r}")
-  images_path = os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz")
-  labels_path = os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz")
+    raise ConfigError(f"fashion_mnist has the splits 'train' and 'test', not "
+                      f"{split!r}: set config.data.train_split / eval_split "
+                      f"(or config.encode.splits) to those")
+  images_path, labels_path = _fashion_mnist_files(split, directory)
   if not (os.path.exists(images_path) and os.path.exists(labels_path)):
     return None
-  images = read_idx(images_path)[..., None]
-  labels = read_idx(labels_path)
-  return ArraySource(images, labels, name=f"fashion_mnist/{split}")
+  images = read_idx(images_path, 3, FASHION_MNIST_FIX)  # [N, 28, 28]
+  labels = read_idx(labels_path, 1, FASHION_MNIST_FIX)  # [N]
+  if images.shape[1:] != (28, 28):
+    raise DataError(f"{images_path} holds {images.shape[1]}x"
+                    f"{images.shape[2]} images, not Fashion-MNIST's 28x28 "
+                    f"grey ones; {FASHION_MNIST_FIX}")
+  if len(labels) != len(images):
+    raise DataError(f"{labels_path} holds {len(labels)} labels but "
+                    f"{images_path} {len(images)} images: the two files "
+                    f"come from different sets; {FASHION_MNIST_FIX}")
+  if labels.size and labels.max() > 9:
+    raise DataError(f"{labels_path} holds the label {int(labels.max())}; "
+                    f"Fashion-MNIST has the classes 0..9; {FASHION_MNIST_FIX}")
+  return ArraySource(images[..., None], labels, name=f"fashion_mnist/{split}")
+
+
+def _fashion_mnist_files(split: str, directory: str) -> tuple[str, str]:
+  """(images, labels) IDX paths of a Fashion-MNIST split in ``directory``."""
+  prefix = {"train": "train", "test": "t10k"}[split]
+  return (os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"),
+          os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"))
 
 
 def _tfds_build_dir(name: str, data_dir: str) -> str | None:
@@ -200,7 +257,7 @@ def train_loader(data_cfg, source, global_batch_size: int, seed: int):
   records = getattr(source, "records", None)
   if choice == "memory" or (choice == "auto" and records is None):
     if records is not None:
-      raise ValueError(
+      raise ConfigError(
           f"config.data.pipeline='memory' needs an in-memory data set; "
           f"{data_cfg.name!r} holds encoded images: use 'grain' or 'auto'")
     return Loader(source, global_batch_size, seed)
@@ -245,12 +302,12 @@ def get_source(name: str, split: str, *, image_size: int = 32,
 
   Raises:
     DataNotFoundError: quickly (no network retries) with preparation steps.
-    ValueError: unknown dataset or split.
+    ConfigError: unknown dataset or split (a ValueError).
   """
   from mesp_jax.data import records as records_lib
   if name not in DATASETS + ("folder",):
-    raise ValueError(f"config.data.name={name!r} is not supported; choose one "
-                     f"of {list(DATASETS) + ['folder']}")
+    raise ConfigError(f"config.data.name={name!r} is not supported; choose "
+                      f"one of {list(DATASETS) + ['folder']}")
   if name == "folder":
     if not data_dir:
       raise DataNotFoundError(
@@ -269,13 +326,23 @@ def get_source(name: str, split: str, *, image_size: int = 32,
     source = _fashion_mnist_debian(split, fashion_mnist_dir)
     if source is not None:
       images = source.images
+      if images.shape[1] > image_size:
+        raise ConfigError(
+            f"config.data.image_size={image_size} is smaller than "
+            f"Fashion-MNIST's {images.shape[1]}x{images.shape[2]} images "
+            f"(they are zero-padded, never shrunk): use "
+            f"{images.shape[1]} or more (32 is the default)")
       if images.shape[1] != image_size:
         images = pad_to(images, image_size)
       return ArraySource(images, source.labels, source.name)
     if _tfds_build_dir(name, data_dir) is None:
+      present = [p for p in _fashion_mnist_files(split, fashion_mnist_dir)
+                 if os.path.exists(p)]
+      partial = (f" (only {present[0]} of the pair is there: the install "
+                 f"is incomplete)" if present else "")
       raise DataNotFoundError(
           f"Fashion-MNIST not found: neither Debian's IDX files in "
-          f"{fashion_mnist_dir!r} nor a tfds array_record build in "
+          f"{fashion_mnist_dir!r}{partial} nor a tfds array_record build in "
           f"{data_dir!r}. Install the data with\n"
           f"  sudo apt-get update && sudo apt-get install -y "
           f"dataset-fashion-mnist\n"

@@ -9,12 +9,11 @@ runs, and no library module imports a stage.
 from __future__ import annotations
 
 import importlib
-import os
 import re
 
 import ml_collections
 
-from mesp_jax.base.config import ConfigError
+from mesp_jax.base.config import ConfigError, check_workdir
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -56,9 +55,6 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"(e.g. gcsfuse --implicit-dirs --rename-dir-limit=200000 {bucket} "
           f"/gcs/{bucket}) and give that path (/gcs/{bucket}/...); "
           f"launch/tpu_pod.sh does this for gs:// workdirs.")
-  if os.path.isfile(workdir):
-    raise ConfigError(f"--workdir={workdir!r} is a file; give a folder (it is "
-                      f"created if missing)")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
@@ -68,5 +64,6 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     raise ConfigError(f"config.stage={stage!r} is not a stage; choose one of "
                       f"{sorted(STAGES)}")
   check_paths(config, workdir)
+  check_workdir(workdir)
   module = importlib.import_module(f"{__name__}.{STAGES[stage]}")
   return module.run(config, workdir)

@@ -14,10 +14,16 @@ With several processes (``--multihost``) each process draws its own batches
 (the same samples as one process) on its own devices and writes its shard
 ``samples-PPPPP-of-NNNNN.npz``; process 0 writes ``samples_manifest.json``,
 which every reader of sample sets accepts in place of ``samples.npz``.
+
+Before the first draw, :func:`check_sampling` refuses (``ConfigError``) a
+``sampler.batch_size`` the sampler's devices cannot split and a
+``sampler.num_samples`` whose sample set would not fit in this machine's
+available host memory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -27,7 +33,9 @@ from jax.experimental import multihost_utils
 
 from mesp_jax.base import config as config_lib
 from mesp_jax.base import io, sharding
+from mesp_jax.base.config import ConfigError
 from mesp_jax.base.gamma import parse_gamma
+from mesp_jax.data import data_channels
 from mesp_jax.data import sample_set as sample_set_lib
 from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.data.tokens import load_bank
@@ -36,6 +44,97 @@ from mesp_jax.sample import samplers
 from mesp_jax.train import arvm, blae
 
 GRID_SAMPLES = 64
+# Copies of the sample set held at the peak: the arrays, the in-memory .npz
+# that io.save_npz builds and the bytes it writes (BytesIO.getvalue()).
+PEAK_COPIES = 3
+# Share of the available host memory a sample set may take (the rest: the
+# models, XLA, the decoder's batches).
+MEMORY_SHARE = 0.9
+
+
+def _bytes(n: float) -> str:
+  """``n`` bytes for people: '1.5 GiB'."""
+  units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+  i = 0
+  while n >= 1024 and i < len(units) - 1:
+    n, i = n / 1024, i + 1
+  return f"{n:.1f} {units[i]}"
+
+
+def available_memory() -> int:
+  """Host bytes available to new allocations (psutil; else the free pages)."""
+  try:
+    import psutil  # a dependency of tensorflow-datasets, not declared here
+  except ImportError:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  return int(psutil.virtual_memory().available)
+
+
+def local_samples(num_samples: int, batch_size: int, processes: int) -> int:
+  """The most samples one of ``processes`` draws (its batches: p, p + P,
+  ...), without listing the batches."""
+  batches = -(-num_samples // batch_size)
+  return min(num_samples, -(-batches // processes) * batch_size)
+
+
+def sample_set_bytes(num_samples: int, token_grid: tuple[int, int, int],
+                     image_shape: tuple[int, int, int]) -> int:
+  """Host bytes of a sample set of ``num_samples``: int32 tokens [h, w, Tp],
+  float32 images [H, W, C], int32 labels and int64 indices per sample."""
+  per_sample = 4 * math.prod(token_grid) + 4 * math.prod(image_shape) + 4 + 8
+  return int(num_samples) * per_sample
+
+
+def check_sampling(scfg: ml_collections.ConfigDict, sampler,
+                   image_shape: tuple[int, int, int], processes: int = 1,
+                   available: int | None = None) -> int:
+  """Refuses, before any draw, what the sampler cannot do or the host cannot
+  hold; returns the estimated peak host bytes of this process.
+
+  Args:
+    scfg: ``config.sampler`` (num_samples, batch_size).
+    sampler: the built sampler (``grid``, ``batch_multiple``).
+    image_shape: (H, W, C) of the BL-AE's decoded images.
+    processes: processes sharing the draws (each holds its own batches).
+    available: host bytes available (default: :func:`available_memory`).
+
+  Raises:
+    ConfigError: ``sampler.batch_size`` is not a multiple of the sampler's
+      data-parallel size, or the sample set would need more than
+      :data:`MEMORY_SHARE` of the available memory (the message gives the
+      estimate, the memory and the largest ``num_samples`` that fits).
+  """
+  num, batch = int(scfg.num_samples), int(scfg.batch_size)
+  multiple = int(sampler.batch_multiple)
+  if batch % multiple:
+    fit = max(multiple, batch // multiple * multiple)
+    raise ConfigError(
+        f"config.sampler.batch_size={batch} must be a multiple of the "
+        f"sampler's data-parallel size {multiple} (each batch is split over "
+        f"that many devices); use e.g. --config.sampler.batch_size={fit}")
+  available = available_memory() if available is None else int(available)
+  local = local_samples(num, batch, processes)
+  per_sample = sample_set_bytes(1, sampler.grid, image_shape)
+  need = PEAK_COPIES * local * per_sample
+  budget = MEMORY_SHARE * available
+  if need > budget:
+    most = int(budget // (PEAK_COPIES * per_sample)) * processes
+    most = most // batch * batch
+    fewer = (f"Draw at most about {most} samples per run "
+             f"(--config.sampler.num_samples={most})" if most else
+             f"Not even one batch of {batch} fits: lower "
+             f"config.sampler.batch_size and num_samples")
+    h, w, tp = sampler.grid
+    height, width, channels = image_shape
+    raise ConfigError(
+        f"config.sampler.num_samples={num} needs about {_bytes(need)} of "
+        f"host memory in this process ({local} samples of "
+        f"{_bytes(per_sample)}: int32 tokens [{h}, {w}, {tp}] and float32 "
+        f"images [{height}, {width}, {channels}], held {PEAK_COPIES} times "
+        f"while samples.npz is written), but this machine has "
+        f"{_bytes(available)} available. {fewer}, or draw several sets, "
+        f"each with its own --config.sampler.seed and --workdir")
+  return need
 
 
 def build_sampler(config: ml_collections.ConfigDict, kind: str, mesh,
@@ -83,10 +182,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_mesh = sharding.local_mesh() if processes > 1 else mesh
   sampler, blae_dir, sources = build_sampler(config, kind, mesh, sample_mesh)
   blae_dir = os.path.abspath(config.inputs.blae_workdir or blae_dir)
-  model_b, params_b, _, blae_step = blae.load_blae(blae_dir, mesh)
+  model_b, params_b, blae_cfg, blae_step = blae.load_blae(blae_dir, mesh)
   sources.update(blae_workdir=blae_dir, blae_step=blae_step)
   if processes > 1:
     params_b = sharding.to_local(params_b, sample_mesh)
+  size = int(blae_cfg.data.image_size)
+  check_sampling(scfg, sampler, (size, size, data_channels(blae_cfg.data)),
+                 processes)
 
   def progress(done, total):
     if io.is_writer():

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from typing import Any
 
@@ -123,16 +124,71 @@ def seal(manager: ocp.CheckpointManager, steps) -> list[int]:
     return sealed
   for step in steps:
     folder = step_dir(manager, step)
+    try:
+      body = json.dumps({"step": int(step), "files": _file_digests(folder)},
+                        indent=1, sort_keys=True).encode()
+    except FileNotFoundError:  # deleted (max_to_keep) while it was read
+      continue
     if not os.path.isdir(folder):
       continue
-    body = json.dumps({"step": int(step), "files": _file_digests(folder)},
-                      indent=1, sort_keys=True).encode()
     tmp = os.path.join(folder, CHECKSUMS + ".tmp")
     with open(tmp, "wb") as f:
       f.write(body)
     os.replace(tmp, os.path.join(folder, CHECKSUMS))
     sealed.append(int(step))
   return sealed
+
+
+class Sealer:
+  """Saves steps and seals them, reading them back in a thread.
+
+  :meth:`save` first waits for the previous save to finish (Orbax would
+  wait for it anyway) and hashes that step in a background thread, then
+  starts the new save; training does not wait for the read-back of a large
+  checkpoint. :meth:`close` waits for everything and seals the last step.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self._pending: list[int] = []
+    self._thread: threading.Thread | None = None
+    self._error: BaseException | None = None
+
+  def _join(self) -> None:
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self._error is not None:
+      error, self._error = self._error, None
+      raise error
+
+  def _start(self) -> None:
+    self._join()
+    steps, self._pending = self._pending, []
+    if not steps:
+      return
+    self.manager.wait_until_finished()  # the saves are complete on disk
+
+    def work():
+      try:
+        seal(self.manager, steps)
+      except BaseException as e:  # noqa: BLE001 - re-raised by _join
+        self._error = e
+    self._thread = threading.Thread(target=work, name="checkpoint-sealer",
+                                    daemon=True)
+    self._thread.start()
+
+  def save(self, step: int, state: Any, loader_state: dict, meta: dict
+           ) -> None:
+    """:func:`save` of ``step``, sealed later."""
+    self._start()
+    save(self.manager, step, state, loader_state, meta)
+    self._pending.append(int(step))
+
+  def close(self) -> None:
+    """Waits for the last save and writes every pending checksum file."""
+    self._start()
+    self._join()
 
 
 def verify(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -156,11 +212,12 @@ def verify(manager: ocp.CheckpointManager, step: int) -> bool:
   problems = [f"{rel}: missing" for rel in sorted(set(want) - set(got))]
   problems += [f"{rel}: not in the checksums" for rel in
                sorted(set(got) - set(want))]
-  problems += [f"{rel}: {got[rel][0]} bytes, checksum "
-               f"{'differs' if got[rel][0] == want[rel][0] else 'and size differ'}"
-               f" (saved {want[rel][0]} bytes)"
-               for rel in sorted(set(got) & set(want))
-               if list(got[rel]) != list(want[rel])]
+  for rel in sorted(set(got) & set(want)):
+    (size, sha), (saved_size, saved_sha) = got[rel], want[rel]
+    if size != saved_size:
+      problems.append(f"{rel}: {size} bytes, saved {saved_size}")
+    elif sha != saved_sha:
+      problems.append(f"{rel}: content differs (same size, {size} bytes)")
   if problems:
     raise DamagedCheckpointError("files changed since it was saved: " +
                                  "; ".join(problems[:5]) +
@@ -211,9 +268,9 @@ def quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> str:
     shutil.move(step_dir(manager, step), target)
     with open(os.path.join(target, "NOTE.txt"), "w") as f:
       f.write(f"checkpoint step {step} was moved here at {stamp} because it "
-              f"could not be trusted:\n{why}\n\nTraining resumed from an "
-              f"older step. Nothing in this folder was changed; delete it "
-              f"when you no longer need it.\n")
+              f"could not be trusted:\n{why}\n\nTraining goes on from the "
+              f"newest good step (or from the start). Nothing in this "
+              f"folder was changed; delete it when you no longer need it.\n")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
@@ -324,7 +381,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
         saved_meta = manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         )["meta"]
-      except CheckpointMismatchError:
+      except (CheckpointMismatchError, DamagedCheckpointError):
         raise
       except Exception as e:  # noqa: BLE001 - any failure means damaged
         raise DamagedCheckpointError(f"{type(e).__name__}: {e}") from None
@@ -346,8 +403,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
       else:
         note = "left in place"
       errors.append(f"step {step}: {why[:500]} ({note})")
-      logging.warning("checkpoint step %d is damaged (%s): %s", step, note,
-                      why)
+      logging.info("checkpoint step %d is damaged (%s): %s", step, note, why)
       if jax.process_index() == 0:
         print(f"warning: checkpoint step {step} in {manager.directory} is "
               f"damaged ({why[:300]}); {note}", flush=True)

@@ -28,6 +28,7 @@ import optax
 from absl import logging
 
 from mesp_jax.base import io, sharding
+from mesp_jax.base.config import ConfigError
 from mesp_jax.train import checkpoint as ckpt
 from mesp_jax.train import provenance
 from mesp_jax.train.metrics import MetricWriter, Progress
@@ -265,15 +266,32 @@ def nan_guard_of(tcfg: ml_collections.ConfigDict) -> str:
 
 
 def check_batch(tcfg: ml_collections.ConfigDict, mesh) -> None:
-  """Raises ValueError unless ``tcfg.batch_size`` splits evenly over the
+  """Raises ConfigError unless ``tcfg.batch_size`` splits evenly over the
   mesh's data-parallel devices and ``tcfg.grad_accum_steps`` micro-batches."""
   dp = sharding.data_parallel_size(mesh)
   accum = int(tcfg.get("grad_accum_steps", 1))
   if tcfg.batch_size % (dp * accum):
-    raise ValueError(
+    raise ConfigError(
         f"config.train.batch_size={tcfg.batch_size} must be divisible by the "
         f"data-parallel size {dp} (mesh {dict(mesh.shape)}) times "
         f"config.train.grad_accum_steps={accum}")
+
+
+def check_eval_batch(tcfg: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ConfigError unless ``tcfg.eval_batch_size`` (default
+  ``batch_size``) splits evenly over the mesh's data-parallel devices.
+
+  Eval batches are placed on the mesh like training batches; without this
+  check an indivisible size fails at the first eval, after training.
+  """
+  dp = sharding.data_parallel_size(mesh)
+  size = int(tcfg.get("eval_batch_size", tcfg.batch_size))
+  if size % dp:
+    raise ConfigError(
+        f"config.train.eval_batch_size={size} must be divisible by the "
+        f"data-parallel size {dp} (mesh {dict(mesh.shape)}): eval batches "
+        f"are split over those devices; use e.g. "
+        f"--config.train.eval_batch_size={max(dp, size // dp * dp)}")
 
 
 def build_program(config: ml_collections.ConfigDict, task: Task, example: Any,
@@ -487,6 +505,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   tcfg = config.train
   mesh = mesh or sharding.mesh_from_config(config)
   check_batch(tcfg, mesh)
+  check_eval_batch(tcfg, mesh)
   os.makedirs(workdir, exist_ok=True)
   tx = make_optimizer(tcfg)
   rng = jax.random.key(config.seed)
@@ -535,7 +554,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   hint = ("Lower config.train.learning_rate, enable config.train.grad_clip "
           "or check the data, then rerun the same command.")
   pending: list[tuple[int, int, dict]] = []  # (step, batch index, metrics)
-  unsealed: list[int] = []  # steps saved by this run, checksums not written
+  sealer = ckpt.Sealer(manager)  # checksums of the steps this run saves
 
   def flush(step: int) -> None:
     if not pending:
@@ -551,10 +570,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     progress.update(step, mean)
 
   def save(step: int) -> None:
-    ckpt.seal(manager, unsealed)  # the previous save is complete by now
-    unsealed.clear()
-    ckpt.save(manager, step, state, iter_peek.get_state(), task.meta)
-    unsealed.append(step)
+    sealer.save(step, state, iter_peek.get_state(), task.meta)
 
   step = start
   stop = _StopRequest()
@@ -587,8 +603,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
         flush(step)
         if not saved:
           save(step)
-        ckpt.seal(manager, unsealed)
-        unsealed.clear()
+        sealer.close()
         raise Preempted(task.name, step, ckpt_dir, stop.received)
     finished = True
   finally:
@@ -596,7 +611,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     # Seal what this run saved (the saves are complete by then), also when
     # it stops on an error: those steps were written before the error.
     try:
-      ckpt.seal(manager, unsealed)
+      sealer.close()
     except Exception:  # noqa: BLE001 - do not hide the original error
       if finished:
         raise
