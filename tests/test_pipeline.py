@@ -5,6 +5,7 @@ example, executed as written)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.models.blae import decode_tokens
 from mesp_jax.stages.pipeline import run
 from mesp_jax.train import blae as blae_stage
+from mesp_jax.train import provenance
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +129,38 @@ def test_two_processes_write_the_samples_of_one(repo_root, smoke_run,
   # Batches 0 and 2 on process 0, batch 1 on process 1 (the last one short).
   shard = SampleSet.load(str(multi / "samples-00001-of-00002.npz"))
   np.testing.assert_array_equal(shard.extra["index"], np.arange(8, 16))
+
+
+def test_samples_record_their_checkpoints(smoke_run):
+  _, workdir = smoke_run
+  samples = SampleSet.load(os.path.join(workdir, "samples", "samples.npz"))
+  for stage in ("arvm", "blae"):
+    folder = os.path.join(workdir, stage)
+    want = provenance.checkpoint_identity(folder)
+    assert samples.sources[f"{stage}_step"] == want["step"]
+    assert samples.sources[f"{stage}_digest"] == want["digest"] is not None
+  record = provenance.read(os.path.join(workdir, "samples"), "sample")
+  assert record["inputs"]["arvm"]["workdir"] == os.path.join(workdir, "arvm")
+
+
+def test_decoding_with_another_blae_is_refused(repo_root, smoke_run,
+                                               tmp_path):
+  """A copy of the BL-AE is another workdir: the ARVM's tokens were not
+  made by it, so its images would not be what the tokens mean."""
+  _, workdir = smoke_run
+  other = tmp_path / "other_blae"
+  shutil.copytree(os.path.join(workdir, "blae"), other)
+  config = load_config(os.path.join(repo_root,
+                                    "configs/arvm_fashion_mnist.py:smoke"))
+  config.stage = "sample"
+  config.inputs.update(arvm_workdir=os.path.join(workdir, "arvm"),
+                       blae_workdir=str(other))
+  config.sampler.update(num_samples=8, batch_size=8)
+  with pytest.raises(provenance.InputsChangedError,
+                     match=f"(?s)encoded by the BL-AE {workdir}/blae at "
+                     f"checkpoint step .*decoded by {other}"):
+    stages.run(config, str(tmp_path / "s"))
+  assert not (tmp_path / "s" / "samples.npz").exists()
+  config.inputs.allow_changed = True
+  stages.run(config, str(tmp_path / "s"))
+  assert (tmp_path / "s" / "samples.npz").exists()

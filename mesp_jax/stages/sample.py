@@ -37,11 +37,12 @@ from mesp_jax.base.config import ConfigError
 from mesp_jax.base.gamma import parse_gamma
 from mesp_jax.data import data_channels
 from mesp_jax.data import sample_set as sample_set_lib
+from mesp_jax.data import tokens as tokens_lib
 from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.data.tokens import load_bank
 from mesp_jax.sample import kernel as kernel_lib
 from mesp_jax.sample import samplers
-from mesp_jax.train import arvm, blae
+from mesp_jax.train import arvm, blae, loop, provenance
 
 GRID_SAMPLES = 64
 # Copies of the sample set held at the peak: the arrays, the in-memory .npz
@@ -137,6 +138,48 @@ def check_sampling(scfg: ml_collections.ConfigDict, sampler,
   return need
 
 
+def check_decoder(config: ml_collections.ConfigDict, sources: dict) -> None:
+  """Refuses to decode tokens with a BL-AE other than the one that made the
+  ARVM's (or the bank's) training tokens, unless
+  ``config.inputs.allow_changed``.
+
+  ``sources``: the sampler's (``arvm_workdir`` or ``tokens``) and the
+  decoder's ``blae_workdir`` / ``blae_step``.
+
+  Raises:
+    InputsChangedError: another BL-AE workdir, or another step of it.
+  """
+  if "arvm_workdir" in sources:
+    run_config = arvm.upgrade_config(
+        loop.load_run_config(sources["arvm_workdir"], "arvm"))
+    path = tokens_lib.tokens_path(
+        run_config.inputs.tokens_dir,
+        run_config.tokens.get("train_split", "train"))
+    what = f"the ARVM in {sources['arvm_workdir']} was trained on tokens"
+  else:
+    path = sources["tokens"]
+    what = "the kernel ARVM's bank is tokens"
+  if not os.path.exists(path):
+    return  # nothing to compare with (tokens moved since training)
+  info = tokens_lib.read_info(path)
+  made_by = (info.get("blae_workdir", ""), info.get("checkpoint_step", -1))
+  used = (sources["blae_workdir"], sources["blae_step"])
+  if not made_by[0] or made_by == used:
+    return
+  if config.inputs.get("allow_changed", False):
+    print(f"warning: {what} of {made_by[0]} at step {made_by[1]}, decoded "
+          f"by {used[0]} at step {used[1]} (inputs.allow_changed)",
+          flush=True)
+    return
+  raise provenance.InputsChangedError(
+      f"{what} encoded by the BL-AE {made_by[0]} at checkpoint step "
+      f"{made_by[1]} ({path}), but the samples would be decoded by "
+      f"{used[0]} at step {used[1]}: the images would not be what the "
+      f"tokens mean. Point config.inputs.blae_workdir at the BL-AE that "
+      f"made the tokens (at that step), retrain the ARVM on tokens of this "
+      f"BL-AE, or pass --config.inputs.allow_changed=True to decode anyway.")
+
+
 def build_sampler(config: ml_collections.ConfigDict, kind: str, mesh,
                   sample_mesh=None) -> tuple[samplers.Sampler, str, dict]:
   """(sampler, BL-AE workdir, sources) for ``kind`` from the config.
@@ -173,6 +216,7 @@ def build_sampler(config: ml_collections.ConfigDict, kind: str, mesh,
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kind = "kernel" if config.stage == "kernel_sample" else config.sampler.kind
   config_lib.validate(config, "sample", sampler_kind=kind)
+  provenance.absolute_inputs(config)
   scfg = config.sampler
   mesh = sharding.mesh_from_config(config)
   t0 = time.time()
@@ -184,6 +228,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   blae_dir = os.path.abspath(config.inputs.blae_workdir or blae_dir)
   model_b, params_b, blae_cfg, blae_step = blae.load_blae(blae_dir, mesh)
   sources.update(blae_workdir=blae_dir, blae_step=blae_step)
+  check_decoder(config, sources)
+  inputs = {"blae": provenance.checkpoint_identity(blae_dir, blae_step)}
+  if kind == "neural":
+    inputs["arvm"] = provenance.checkpoint_identity(sources["arvm_workdir"],
+                                                    sources["arvm_step"])
+  else:
+    inputs["tokens"] = {"path": sources["tokens"]}
+  sources.update({f"{k}_digest": v["digest"] for k, v in inputs.items()
+                  if "digest" in v})
+  provenance.check_and_record(workdir, "sample", config, inputs,
+                              resuming=False)
   if processes > 1:
     params_b = sharding.to_local(params_b, sample_mesh)
   size = int(blae_cfg.data.image_size)
