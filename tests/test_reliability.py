@@ -310,3 +310,22 @@ def test_uri_paths_are_refused_before_anything_is_written(
                      r"/gcs/bucket"):
     stages.run(config, workdir)
   assert os.listdir(tmp_path) == []  # no ./gs:/ folder, nothing else
+
+
+@pytest.mark.parametrize("field,value", [
+    ("arvm.train.eval_batch_size", 12), ("blae.train.batch_size", 12),
+    ("arvm.sampler.batch_size", 6)])
+def test_the_pipeline_checks_later_stages_before_training(
+    repo_root, tmp_path, field, value):
+  """On 8 devices: refused before the BL-AE trains, not an hour later."""
+  from mesp_jax import stages
+  from mesp_jax.base.config import ConfigError, load_config
+  config = load_config(os.path.join(repo_root, "configs/demo.py:smoke"))
+  node = config
+  *parents, leaf = field.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=f"{leaf}={value} must be"):
+    stages.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "blae").exists()

@@ -25,10 +25,11 @@ import numpy as np
 
 from mesp_jax import stages
 from mesp_jax.base import config as config_lib
-from mesp_jax.base import io
+from mesp_jax.base import io, sharding
 from mesp_jax.data import tokens as tokens_lib
 from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.eval import memorization
+from mesp_jax.train import loop
 from mesp_jax.train.metrics import read_metrics
 
 
@@ -59,8 +60,28 @@ def _with(config: ml_collections.ConfigDict, stage: str, **inputs
   return sub
 
 
+def check_meshes(config: ml_collections.ConfigDict) -> None:
+  """The device checks of the later stages, now rather than after the
+  BL-AE has trained: each training batch, eval batch and the sampler's
+  batch against the data-parallel size of its stage's mesh."""
+  for name in ("blae", "arvm"):
+    sub = config[name]
+    mesh = sharding.mesh_from_config(sub)
+    loop.check_batch(sub.train, mesh)
+    loop.check_eval_batch(sub.train, mesh)
+  dp = sharding.data_parallel_size(sharding.mesh_from_config(config.arvm))
+  batch = int(config.arvm.sampler.batch_size)
+  if batch % dp:
+    raise config_lib.ConfigError(
+        f"config.arvm.sampler.batch_size={batch} must be a multiple of the "
+        f"data-parallel size {dp} (each batch is split over that many "
+        f"devices); use e.g. --config.arvm.sampler.batch_size="
+        f"{max(dp, batch // dp * dp)}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config, "pipeline")
+  check_meshes(config)
   workdir = os.path.abspath(workdir)
   t0 = time.time()
   timings = {}
