@@ -6,19 +6,29 @@
 #   REPO=https://github.com/me/mesp_jax.git \
 #   bash launch/tpu_pod.sh [--dry-run] CONFIG[:variant] gs://BUCKET/RUN [--config.x=y ...]
 #
+# The workdir is a bucket because every worker has its own disk. The program
+# reads and writes local paths only (it refuses a gs:// workdir), so the
+# script mounts the bucket with Cloud Storage FUSE (gcsfuse) at the same path
+# on every worker, GCS_MOUNT_ROOT/BUCKET (default /gcs/BUCKET), and runs the
+# job with --workdir=/gcs/BUCKET/RUN.
+#
 # One round of the loop:
 #   1. make sure the slice exists and is up: reuse it, or create it (through a
 #      queued resource by default) and wait until it is ACTIVE/READY; a
 #      preempted or failed slice is deleted and created again;
-#   2. on a new slice, install the project on all workers (clone or update
-#      REPO, check out REF, pip install 'jax[tpu]' and the project);
-#   3. start `python3 -m mesp_jax.main --multihost ...` on all workers, detached
+#   2. on a new slice (and once per invocation), install the project on all
+#      workers (clone or update REPO, check out REF, install gcsfuse from its
+#      apt repository if it is missing or older than 3.x, pip install
+#      'jax[tpu]' and the project);
+#   3. mount the bucket on all workers unless it is mounted already (a worker
+#      VM may have restarted since the last launch; see mount_bucket);
+#   4. start `python3 -m mesp_jax.main --multihost ...` on all workers, detached
 #      (see launch_job), and stream worker 0's log until the job ends;
-#   4. read every worker's exit code: 0 -> done (exit 0); 2 -> a user error
+#   5. read every worker's exit code: 0 -> done (exit 0); 2 -> a user error
 #      that a rerun cannot fix (exit 2); anything else (75 = stopped by
 #      SIGTERM after a checkpoint, a crash, a preempted slice) -> back to 1.
 #      The rerun is the same command: it resumes from the newest checkpoint
-#      in the gs:// workdir.
+#      in the mounted workdir.
 # `bash launch/tpu_pod.sh --help` lists the variables.
 set -euo pipefail
 
@@ -26,10 +36,15 @@ usage() {
   cat <<'EOF'
 Usage: [VAR=value ...] bash launch/tpu_pod.sh [--dry-run] CONFIG[:variant] WORKDIR [--config.x=y ...]
 
-Runs `python3 -m mesp_jax.main --multihost --config=CONFIG --workdir=WORKDIR ...`
+Runs `python3 -m mesp_jax.main --multihost --config=CONFIG --workdir=... ...`
 on every worker of a Cloud TPU pod slice, creating the slice if needed and
 relaunching after preemptions until the run exits 0 (or 2: a user error).
-WORKDIR must be a gs:// URI: every worker has its own disk.
+WORKDIR must be a gs://BUCKET/PATH URI: every worker has its own disk, and
+the program itself refuses gs:// paths. So before every launch the bucket is
+mounted with gcsfuse on every worker at GCS_MOUNT_ROOT/BUCKET (unless it is
+mounted there already; default /gcs/BUCKET), and the job gets
+--workdir=/gcs/BUCKET/PATH. Paths in the same bucket (data,
+--config.inputs.*) are there too: /gcs/BUCKET/...
 
 Required:
   TPU           name of the TPU VM slice (the node)
@@ -51,10 +66,14 @@ Optional:
   RETRY_SLEEP   seconds to wait before a relaunch (default 60)
   STRAGGLER_WAIT  seconds to wait for the other workers after worker 0 ends
                 (default 300)
-  ALLOW_LOCAL_WORKDIR=1  accept a non-gs:// workdir (only for a file system
-                mounted at the same path on every worker)
+  GCS_MOUNT_ROOT  folder under which the workdir's bucket is mounted on
+                every worker (default /gcs: the bucket at /gcs/BUCKET)
+  ALLOW_LOCAL_WORKDIR=1  accept a non-gs:// workdir, passed as it is, with no
+                mount (only for a file system mounted at the same path on
+                every worker)
   VERBOSE=1     also print the read-only polls (describe, exit codes)
-Dry run (nothing is executed; commands are printed with a "+ " prefix):
+Dry run (nothing is executed; commands are printed with a "+ " prefix, the
+mount and the job's --workdir included):
   DRY_RUN=1 or --dry-run
   DRY_RUN_EXIT_CODES  exit codes of the simulated job, one per launch, comma
                 separated; the last one repeats (default 0). "preempt" makes
@@ -151,6 +170,45 @@ default_runtime() {
   esac
 }
 
+# Sets BUCKET, MOUNT_POINT and JOB_WORKDIR (the --workdir the job gets) from
+# WORKDIR: gs://BUCKET/PATH -> GCS_MOUNT_ROOT/BUCKET/PATH, mounted with
+# gcsfuse on every worker; with ALLOW_LOCAL_WORKDIR=1 a local path is passed
+# as it is (BUCKET and MOUNT_POINT empty: no mount).
+resolve_workdir() {
+  BUCKET="" MOUNT_POINT="" JOB_WORKDIR=$WORKDIR
+  if [[ $WORKDIR != gs://* ]]; then
+    # Every worker has its own disk: checkpoints must go to shared storage.
+    [[ ${ALLOW_LOCAL_WORKDIR:-0} == 1 ]] ||
+      die "the workdir must be a gs://BUCKET/PATH URI (got '$WORKDIR'): every" \
+        "worker of a pod has its own disk, so a local path would split the" \
+        "checkpoints. The bucket is mounted with gcsfuse on every worker." \
+        "Set ALLOW_LOCAL_WORKDIR=1 only for a file system mounted on all workers."
+    return 0
+  fi
+  local rest=${WORKDIR#gs://} path="" part
+  while [[ $rest == */ ]]; do rest=${rest%/}; done
+  BUCKET=${rest%%/*}
+  [[ $rest != */* ]] || path=${rest#*/}
+  # Bucket names: 3 to 222 of a-z 0-9 . _ -, starting and ending with a
+  # letter or digit.
+  local bucket_re='^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$'
+  [[ $BUCKET =~ $bucket_re ]] ||
+    die "'$WORKDIR' does not start with gs://BUCKET (a bucket name is 3 to 222" \
+      "lowercase letters, digits, '.', '_' or '-')"
+  local parts
+  IFS=/ read -ra parts <<<"$path"
+  for part in ${parts[@]+"${parts[@]}"}; do
+    [[ -n $part && $part != . && $part != .. ]] ||
+      die "the workdir '$WORKDIR' has an empty, '.' or '..' path component"
+  done
+  local root=${GCS_MOUNT_ROOT:-/gcs}
+  while [[ $root == ?*/ ]]; do root=${root%/}; done
+  [[ $root == /* && $root != / ]] ||
+    die "GCS_MOUNT_ROOT must be an absolute path other than / (got '$root')"
+  MOUNT_POINT=$root/$BUCKET
+  JOB_WORKDIR=$MOUNT_POINT${path:+/$path}
+}
+
 configure() {
   DRY_RUN=${DRY_RUN:-0}
   VERBOSE=${VERBOSE:-0}
@@ -175,12 +233,7 @@ configure() {
   fi
   RUNTIME=${RUNTIME:-}
 
-  # Every worker has its own disk: checkpoints must go to shared storage.
-  if [[ $WORKDIR != gs://* && ${ALLOW_LOCAL_WORKDIR:-0} != 1 ]]; then
-    die "the workdir must be a gs:// URI (got '$WORKDIR'): every worker of a" \
-      "pod has its own disk, so a local path would split the checkpoints." \
-      "Set ALLOW_LOCAL_WORKDIR=1 only for a file system mounted on all workers."
-  fi
+  resolve_workdir
 
   WHERE=(--zone="$ZONE")
   [[ -z ${PROJECT:-} ]] || WHERE+=(--project="$PROJECT")
@@ -191,7 +244,7 @@ configure() {
   dry || command -v gcloud >/dev/null || die "gcloud is not installed"
 
   # The job: the same command on every worker and at every launch.
-  JOB_CMD="python3 -m mesp_jax.main --multihost --config=$(q "$CONFIG") --workdir=$(q "$WORKDIR")"
+  JOB_CMD="python3 -m mesp_jax.main --multihost --config=$(q "$CONFIG") --workdir=$(q "$JOB_WORKDIR")"
   local arg
   for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do JOB_CMD+=" $(q "$arg")"; done
 
@@ -316,8 +369,10 @@ slice_is_up() { is_healthy "$(slice_state)"; }
 
 install_project() {
   local ref=${REF:-HEAD}  # origin/HEAD: the default branch
-  log "installing $REPO${REF:+ at $REF} on all workers"
-  on_workers all "set -e; \
+  local gcsfuse=""
+  [[ -z $BUCKET ]] || gcsfuse="$GCSFUSE_INSTALL; "
+  log "installing $REPO${REF:+ at $REF}${BUCKET:+ and gcsfuse} on all workers"
+  on_workers all "set -e; ${gcsfuse}\
 if [ -d mesp_jax/.git ]; then git -C mesp_jax fetch -q --tags origin; \
 else git clone -q $(q "$REPO") mesp_jax; fi; cd mesp_jax; \
 if git rev-parse -q --verify origin/$(q "$ref") >/dev/null; \
@@ -326,6 +381,54 @@ python3 -m pip install -q -U \"jax[tpu]\" -e ."
 }
 
 # (The single-quoted $... below are for the workers' shell: SC2016 is meant.)
+
+# The major version of the worker's gcsfuse (0 when there is none).
+# shellcheck disable=SC2016
+GCSFUSE_VERSION='v=$(gcsfuse --version 2>/dev/null | sed -n "s/^gcsfuse version \([0-9][0-9]*\).*/\1/p"); v=${v:-0}'
+
+# Installs gcsfuse from its Debian/Ubuntu apt repository (TPU VM images are
+# Ubuntu) when it is missing or older than 3.x (mount_bucket's flags need a
+# recent one), or fails saying what to install.
+# shellcheck disable=SC2016
+GCSFUSE_INSTALL=$GCSFUSE_VERSION'; if [ "$v" -lt 3 ]; then sudo -n sh -c "set -e; curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg -o /usr/share/keyrings/cloud.google.asc; echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" > /etc/apt/sources.list.d/gcsfuse.list; apt-get update -q >/dev/null || true; DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300 gcsfuse" || echo "warning: installing gcsfuse failed on $(hostname)" >&2; fi; command -v gcsfuse >/dev/null || { echo "error: gcsfuse is not installed on $(hostname) and could not be installed: install the Debian package gcsfuse (3.x) from the gcsfuse-$(lsb_release -cs 2>/dev/null || echo CODENAME) apt repository of packages.cloud.google.com/apt, then rerun" >&2; exit 1; }; '$GCSFUSE_VERSION'; [ "$v" -ge 3 ] || echo "warning: gcsfuse $(gcsfuse --version 2>/dev/null | head -n 1) on $(hostname) is older than 3.x and may not know the mount flags" >&2'
+
+# gcsfuse's flags for the workdir (an Orbax checkpoint folder written by all
+# workers at once):
+#   --implicit-dirs: folders that exist only as a prefix of object names
+#     (objects written by gcloud storage or another tool, not through a
+#     mount, have no folder object) are seen as folders;
+#   --rename-dir-limit=200000: Orbax saves a step into a temporary folder and
+#     renames it when the save completes; on a flat bucket gcsfuse renames a
+#     folder (a copy and a delete of each object) only if it holds fewer
+#     objects than this (default 0). 200000 is what gcsfuse's own
+#     aiml-checkpointing profile sets; hierarchical-namespace buckets rename
+#     folders atomically anyway;
+#   --metadata-cache-ttl-secs=0, --metadata-cache-negative-ttl-secs=0: no stat,
+#     type or "not found" caching, so that each worker sees at once what the
+#     others wrote (the defaults cache for 60 s and 5 s, and recent gcsfuse
+#     turns the TTL up to "forever" on high-performance machine types, TPU
+#     v5p and v6e VMs among them, unless these flags are given).
+#   No --cache-dir: the file (content) cache stays off; the kernel's list
+#   cache is off by default (--kernel-list-cache-ttl-secs=0).
+GCSFUSE_FLAGS="--implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0 --metadata-cache-negative-ttl-secs=0"
+
+# Mounts the workdir's bucket at MOUNT_POINT on all workers, unless it is
+# mounted and answers there already. Runs before every launch: a worker VM
+# that restarted (maintenance, a host error) comes back with no mounts, and a
+# gcsfuse that died leaves a dead mount ("Transport endpoint is not
+# connected"), which is unmounted lazily first. The folder is created with
+# sudo when the user may not (/gcs), and given to the user, who runs
+# gcsfuse, so that the job (the same user) owns the files. gcsfuse goes to
+# the background once the bucket is mounted and outlives the ssh session; its
+# log is ~/mesp_jax_job/gcsfuse.log.
+mount_bucket() {
+  log "mounting gs://$BUCKET at $MOUNT_POINT on all workers (if not mounted" \
+    "yet); the job's workdir: $JOB_WORKDIR"
+  local m b
+  m=$(q "$MOUNT_POINT") b=$(q "$BUCKET")
+  # shellcheck disable=SC2016
+  on_workers all 'M='"$m"'; J=$HOME/mesp_jax_job; mkdir -p $J; if mountpoint -q "$M" && timeout 120 ls -f "$M" >/dev/null 2>&1; then :; else command -v gcsfuse >/dev/null || { echo "error: gcsfuse is not installed on $(hostname): install the Debian package gcsfuse (the install step does, on a new slice or when the script starts)" >&2; exit 1; }; { fusermount -uz "$M" || fusermount3 -uz "$M"; } >/dev/null 2>&1; { mkdir -p "$M" && [ -w "$M" ]; } 2>/dev/null || { sudo -n mkdir -p "$M" && sudo -n chown "$(id -u):$(id -g)" "$M"; } || { echo "error: cannot make the mount point $M on $(hostname)" >&2; exit 1; }; gcsfuse '"$GCSFUSE_FLAGS"' --log-file=$J/gcsfuse.log '"$b"' "$M" || { echo "error: gcsfuse could not mount gs://'"$b"' at $M on $(hostname) (see $J/gcsfuse.log there)" >&2; exit 1; }; echo "$(hostname): mounted gs://'"$b"' at $M"; fi'
+}
 
 # Stops a job left running by an earlier launch (TERM, then KILL after 60 s),
 # since it would hold the TPU chips, then waits for its subshell to write its
@@ -440,6 +543,7 @@ attempt() {
     if ! install_project; then RESULT=install-failed; return 0; fi
     NEED_INSTALL=0
   fi
+  if [[ -n $BUCKET ]] && ! mount_bucket; then RESULT=mount-failed; return 0; fi
   if ! launch_job; then RESULT=launch-failed; return 0; fi
   follow_job
   job_result

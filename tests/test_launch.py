@@ -5,11 +5,14 @@ and `srun` on PATH that fail loudly, so a test fails if a dry run calls one.
 The other tests run the scripts for real against small fakes written here: a
 `gcloud` whose "slice" is a few worker folders on this machine (the remote
 commands really run, with bash, in each worker's folder as $HOME), and an
-`srun`/`scontrol` pair that runs the tasks locally.
+`srun`/`scontrol` pair that runs the tasks locally. For the pod, fakes of
+`gcsfuse`, `mountpoint` and `sudo` record mounts per worker instead of
+mounting anything (and nothing runs as root).
 """
 
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,6 +26,10 @@ SLURM = os.path.join(REPO_ROOT, "launch", "slurm_gpu.sbatch")
 
 CONFIG = "configs/arvm_imagenet.py"
 WORKDIR = "gs://bucket/runs/arvm"
+MOUNTED = "/gcs/bucket/runs/arvm"  # WORKDIR as the job sees it on the workers
+GCSFUSE_FLAGS = ["--implicit-dirs", "--rename-dir-limit=200000",
+                 "--metadata-cache-ttl-secs=0",
+                 "--metadata-cache-negative-ttl-secs=0"]
 EXTRA = ["--config.train.steps=10", "--config.seed=3"]
 POD_ENV = {"TPU": "my-pod", "ZONE": "us-central2-b", "ACCELERATOR": "v5p-128",
            "REPO": "https://github.com/me/mesp_jax.git"}
@@ -75,6 +82,30 @@ def job_lines(cmds):
   return [c for c in cmds if "mesp_jax.main" in c]
 
 
+def mount_lines(cmds):
+  return [c for c in cmds if "mountpoint -q" in c]
+
+
+def install_lines(cmds):
+  return [c for c in cmds if "pip install" in c]
+
+
+def steps(cmds):
+  """The install, mount and job commands, in the order they ran."""
+  kinds = {"install": install_lines, "mount": mount_lines, "job": job_lines}
+  return [kind for c in cmds for kind, pick in kinds.items() if pick([c])]
+
+
+def check_mount_line(mount, mount_point="/gcs/bucket", bucket="bucket"):
+  assert "tpu-vm ssh my-pod" in mount and "--worker=all" in mount
+  assert f"M={mount_point};" in mount
+  # Skipped when mounted (and answering) already; else the folder, then gcsfuse.
+  assert 'if mountpoint -q "$M" && timeout 120 ls -f "$M"' in mount
+  assert 'mkdir -p "$M"' in mount
+  assert (f"gcsfuse {' '.join(GCSFUSE_FLAGS)} --log-file=$J/gcsfuse.log "
+          f'{bucket} "$M"') in mount
+
+
 def test_pod_dry_run_one_launch(loud_bin):
   result = pod_dry_run(loud_bin)
   assert result.returncode == 0, result.stderr
@@ -92,16 +123,26 @@ def test_pod_dry_run_one_launch(loud_bin):
   assert "tpu-vm ssh my-pod" in install[0] and "--worker=all" in install[0]
   assert "git clone -q https://github.com/me/mesp_jax.git" in install[0]
   assert '"jax[tpu]" -e .' in install[0]
+  # gcsfuse is installed from its apt repository when missing (or old).
+  assert "apt-get install" in install[0] and "gcsfuse" in install[0]
+  assert "gcsfuse is not installed on" in install[0]
+  (mount,) = mount_lines(cmds)
+  check_mount_line(mount)
   (job,) = job_lines(cmds)
   assert "--worker=all" in job
+  # The job gets the mounted path, never the gs:// URI.
   assert (f"python3 -m mesp_jax.main --multihost --config={CONFIG} "
-          f"--workdir={WORKDIR} {' '.join(EXTRA)}") in job
+          f"--workdir={MOUNTED} {' '.join(EXTRA)}") in job
+  assert "gs://" not in job
   assert "job.log" in job
   stream = [c for c in cmds if "tail " in c]
   assert len(stream) == 1 and "--worker=0" in stream[0] and "job.log" in stream[0]
-  # The order: create, install, launch, stream worker 0.
-  order = [cmds.index(c) for c in (create[0], install[0], job, stream[0])]
+  # The order: create, install, mount, launch, stream worker 0.
+  order = [cmds.index(c) for c in (create[0], install[0], mount, job, stream[0])]
   assert order == sorted(order)
+  # The dry run tells where the bucket goes and what the job's workdir is.
+  assert "mounting gs://bucket at /gcs/bucket" in result.stderr
+  assert f"the job's workdir: {MOUNTED}" in result.stderr
 
 
 def test_pod_dry_run_relaunches_the_same_command(loud_bin):
@@ -110,9 +151,15 @@ def test_pod_dry_run_relaunches_the_same_command(loud_bin):
   cmds = traced(result)
   jobs = job_lines(cmds)
   assert len(jobs) == 2 and jobs[0] == jobs[1]
-  # The slice stayed up: created once, installed once, streamed twice.
+  assert f"--workdir={MOUNTED} " in jobs[0]
+  # The slice stayed up: created once, installed once, streamed twice; the
+  # mount (skipped on a worker where it is mounted) comes before each launch,
+  # since a worker VM may have restarted in between.
   assert sum("queued-resources create" in c for c in cmds) == 1
-  assert sum("pip install" in c for c in cmds) == 1
+  assert steps(cmds) == ["install", "mount", "job", "mount", "job"]
+  mounts = mount_lines(cmds)
+  assert mounts[0] == mounts[1]
+  check_mount_line(mounts[1])
   assert sum("tail " in c for c in cmds) == 2
   assert "relaunching (1/20)" in result.stderr
 
@@ -142,8 +189,9 @@ def test_pod_dry_run_preempted_slice_is_recreated(loud_bin):
   delete = [c for c in cmds if "queued-resources delete" in c]
   assert len(delete) == 1 and "--force" in delete[0]
   assert cmds.index(delete[0]) > cmds.index(job_lines(cmds)[0])
-  # A new slice has nothing installed: install again, then the same job.
-  assert sum("pip install" in c for c in cmds) == 2
+  # A new slice has nothing installed: install again, mount again, then the
+  # same job.
+  assert steps(cmds) == ["install", "mount", "job"] * 2
   jobs = job_lines(cmds)
   assert len(jobs) == 2 and jobs[0] == jobs[1]
 
@@ -184,6 +232,63 @@ def test_pod_refuses_a_local_workdir(loud_bin):
   assert not traced(result)
 
 
+@pytest.mark.parametrize("workdir", [
+    "gs://", "gs:///runs", "gs://Bucket/runs", "gs://b/runs",
+    "gs://bucket/../runs", "gs://bucket/a//b", "gs://bucket/./a"])
+def test_pod_refuses_a_bad_gs_workdir(loud_bin, workdir):
+  result = pod_dry_run(loud_bin, args=(CONFIG, workdir))
+  assert result.returncode == 2
+  assert workdir in result.stderr
+  assert not traced(result)
+
+
+def test_pod_local_workdir_allowed_is_not_mounted(loud_bin):
+  result = pod_dry_run(loud_bin, args=(CONFIG, "/shared/runs/arvm"),
+                       ALLOW_LOCAL_WORKDIR="1")
+  assert result.returncode == 0, result.stderr
+  cmds = traced(result)
+  assert not mount_lines(cmds)
+  assert not any("gcsfuse" in c for c in cmds)
+  (job,) = job_lines(cmds)
+  assert "--workdir=/shared/runs/arvm > " in job
+
+
+@pytest.mark.parametrize("workdir,mounted", [
+    ("gs://bucket", "/gcs/bucket"), ("gs://bucket/", "/gcs/bucket"),
+    ("gs://my.bucket_2/a/b/", "/gcs/my.bucket_2/a/b")])
+def test_pod_dry_run_workdir_paths(loud_bin, workdir, mounted):
+  result = pod_dry_run(loud_bin, args=(CONFIG, workdir))
+  assert result.returncode == 0, result.stderr
+  cmds = traced(result)
+  (mount,) = mount_lines(cmds)
+  bucket = mounted.split("/")[2]
+  check_mount_line(mount, f"/gcs/{bucket}", bucket)
+  (job,) = job_lines(cmds)
+  assert f"--workdir={mounted} > " in job
+
+
+@pytest.mark.parametrize("root", ["/mnt/buckets", "/mnt/buckets/"])
+def test_pod_dry_run_gcs_mount_root(loud_bin, root):
+  result = pod_dry_run(loud_bin, GCS_MOUNT_ROOT=root, DRY_RUN_EXIT_CODES="75,0")
+  assert result.returncode == 0, result.stderr
+  cmds = traced(result)
+  mounts = mount_lines(cmds)
+  assert len(mounts) == 2
+  for mount in mounts:
+    check_mount_line(mount, "/mnt/buckets/bucket")
+  assert not any("/gcs/" in c for c in cmds)
+  for job in job_lines(cmds):
+    assert "--workdir=/mnt/buckets/bucket/runs/arvm " in job
+
+
+@pytest.mark.parametrize("root", ["gcs", "/", "//"])
+def test_pod_refuses_a_relative_gcs_mount_root(loud_bin, root):
+  result = pod_dry_run(loud_bin, GCS_MOUNT_ROOT=root)
+  assert result.returncode == 2
+  assert "GCS_MOUNT_ROOT" in result.stderr
+  assert not traced(result)
+
+
 def test_pod_needs_its_variables(loud_bin):
   result = run_script(TPU_POD, ["--dry-run", CONFIG, WORKDIR], {"TPU": "x"},
                       path_dirs=[loud_bin])
@@ -195,6 +300,7 @@ def test_pod_help(loud_bin):
   result = run_script(TPU_POD, ["--help"], {}, path_dirs=[loud_bin])
   assert result.returncode == 0
   assert "Usage:" in result.stdout and "MAX_RESTARTS" in result.stdout
+  assert "GCS_MOUNT_ROOT" in result.stdout and "gcsfuse" in result.stdout
   check_no_fake_called(result)
 
 
@@ -233,21 +339,59 @@ case "$1 $2 $3 $4" in
 esac
 """
 
-# python3 on the workers: pip does nothing; the job prints a line and exits
-# with the next code of FAKE_CODES (per worker); "preempt" suspends the slice.
+# python3 on the workers: pip does nothing; the job prints a line, records
+# whether its --workdir was under a mounted bucket on its worker, and exits
+# with the next code of FAKE_CODES (per worker); "preempt" suspends the slice,
+# "reboot" loses the worker's mounts (as a VM that restarted would).
 FAKE_PYTHON3 = r"""#!/usr/bin/env bash
 if [ "$1 $2" = "-m pip" ]; then echo "$*" >> "$HOME/pip.log"; exit 0; fi
 count="$FAKE_DIR/launches.$WORKER"
 n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo $n > "$count"
 echo "worker $WORKER launch $n in $PWD: $*"
 echo "$*" >> "$FAKE_DIR/job_args.$WORKER"
+wd=
+for a in "$@"; do case $a in --workdir=*) wd=${a#--workdir=} ;; esac; done
+mounted=no
+if [ -f "$HOME/.mounts" ]; then
+  while read -r m; do case "$wd/" in "$m"/*) mounted=yes ;; esac; done < "$HOME/.mounts"
+fi
+echo "$mounted" >> "$FAKE_DIR/mounted.$WORKER"
 code=$(echo "$FAKE_CODES" | cut -d, -f$n)
 sleep 1
 if [ "$code" = preempt ]; then
   [ "$WORKER" != 0 ] || echo SUSPENDED > "$FAKE_DIR/state"
   exit 143
 fi
+if [ "$code" = reboot ]; then rm -f "$HOME/.mounts"; exit 143; fi
 exit "${code:-0}"
+"""
+
+# gcsfuse, mountpoint and fusermount on the workers: a mount is a line in the
+# worker's $HOME/.mounts (a new slice has empty workers, so no mounts).
+# gcsfuse records its arguments and needs an existing mount folder, like the
+# real one. sudo records what it was asked and fails: nothing runs as root.
+FAKE_GCSFUSE = r"""#!/usr/bin/env bash
+if [ "$1" = --version ]; then
+  echo "gcsfuse version 3.9.0 (Go version go1.24)"; exit 0
+fi
+echo "$*" >> "$FAKE_DIR/gcsfuse.$WORKER"
+mp=${*: -1}
+[ -d "$mp" ] || { echo "gcsfuse: $mp is not a folder" >&2; exit 1; }
+echo "$mp" >> "$HOME/.mounts"
+"""
+FAKE_MOUNTPOINT = r"""#!/usr/bin/env bash
+[ "$1" != -q ] || shift
+grep -qxF -- "$1" "$HOME/.mounts" 2>/dev/null
+"""
+FAKE_FUSERMOUNT = r"""#!/usr/bin/env bash
+mp=${*: -1}
+grep -qxF -- "$mp" "$HOME/.mounts" 2>/dev/null || exit 1
+grep -vxF -- "$mp" "$HOME/.mounts" > "$HOME/.mounts.new"
+mv "$HOME/.mounts.new" "$HOME/.mounts"
+"""
+FAKE_SUDO = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_DIR/sudo.$WORKER"
+exit 1
 """
 
 
@@ -257,6 +401,11 @@ def fake_pod(tmp_path):
   bin_dir.mkdir()
   write_exe(bin_dir / "gcloud", FAKE_GCLOUD)
   write_exe(bin_dir / "python3", FAKE_PYTHON3)
+  write_exe(bin_dir / "gcsfuse", FAKE_GCSFUSE)
+  write_exe(bin_dir / "mountpoint", FAKE_MOUNTPOINT)
+  write_exe(bin_dir / "fusermount", FAKE_FUSERMOUNT)
+  write_exe(bin_dir / "fusermount3", FAKE_FUSERMOUNT)
+  write_exe(bin_dir / "sudo", FAKE_SUDO)
   fake_dir = tmp_path / "pod"
   fake_dir.mkdir()
   # REPO: a local git repository, so that the workers' clone needs no network.
@@ -269,20 +418,31 @@ def fake_pod(tmp_path):
   return bin_dir, fake_dir, repo
 
 
-def run_fake_pod(fake_pod, codes, workers=2, **env):
+def run_fake_pod(fake_pod, codes, workers=2, workdir=WORKDIR, **env):
   bin_dir, fake_dir, repo = fake_pod
+  # The workers' mount root: a folder here (the default, /gcs, needs root).
   env = {**POD_ENV, "REPO": str(repo), "FAKE_DIR": str(fake_dir),
          "FAKE_WORKERS": str(workers), "FAKE_CODES": codes, "POLL": "1",
-         "RETRY_SLEEP": "0", "STRAGGLER_WAIT": "5", **env}
-  result = run_script(TPU_POD, [CONFIG, WORKDIR, *EXTRA], env,
+         "RETRY_SLEEP": "0", "STRAGGLER_WAIT": "5",
+         "GCS_MOUNT_ROOT": str(fake_dir / "gcs"), **env}
+  result = run_script(TPU_POD, [CONFIG, workdir, *EXTRA], env,
                       path_dirs=[bin_dir], timeout=120)
   calls = (fake_dir / "calls").read_text().splitlines()
   return result, calls
 
 
-def launches(fake_dir, worker):
-  path = fake_dir / f"job_args.{worker}"
+def lines(fake_dir, name):
+  path = fake_dir / name
   return path.read_text().splitlines() if path.exists() else []
+
+
+def launches(fake_dir, worker):
+  return lines(fake_dir, f"job_args.{worker}")
+
+
+def mount_calls(calls):
+  """The ssh calls that (re)mount the bucket, one per launch."""
+  return [c for c in calls if "tpu-vm ssh" in c and "mountpoint -q" in c]
 
 
 def test_pod_real_run_resumes_after_exit_75(fake_pod):
@@ -290,11 +450,22 @@ def test_pod_real_run_resumes_after_exit_75(fake_pod):
   fake_dir = fake_pod[1]
   assert result.returncode == 0, result.stdout + result.stderr
   assert sum(c.startswith("compute tpus queued-resources create") for c in calls) == 1
+  mount_point = fake_dir / "gcs" / "bucket"
+  assert mount_point.is_dir()
+  # The mount step ran before each launch, but gcsfuse ran once per worker:
+  # the second time the bucket was mounted already.
+  assert len(mount_calls(calls)) == 2
   for worker in (0, 1):
+    home = fake_dir / f"worker{worker}"
+    assert lines(fake_dir, f"gcsfuse.{worker}") == [
+        f"{' '.join(GCSFUSE_FLAGS)} --log-file={home}/mesp_jax_job/gcsfuse.log "
+        f"bucket {mount_point}"]
+    assert lines(fake_dir, f"mounted.{worker}") == ["yes", "yes"]
+    assert not lines(fake_dir, f"sudo.{worker}")  # gcsfuse was there already
     args = launches(fake_dir, worker)
     assert len(args) == 2 and args[0] == args[1]
     assert args[0] == (f"-m mesp_jax.main --multihost --config={CONFIG} "
-                       f"--workdir={WORKDIR} {' '.join(EXTRA)}")
+                       f"--workdir={mount_point}/runs/arvm {' '.join(EXTRA)}")
     assert (fake_dir / f"worker{worker}" / "mesp_jax" / "README.md").exists()
     assert (fake_dir / f"worker{worker}" / "mesp_jax_job" / "exit").read_text() == "0\n"
   # Worker 0's log was streamed (from the job's folder, the checkout);
@@ -324,8 +495,55 @@ def test_pod_real_run_recreates_a_preempted_slice(fake_pod):
   for worker in (0, 1):
     args = launches(fake_dir, worker)
     assert len(args) == 2 and args[0] == args[1]
-    # Reinstalled on the new workers.
+    # Reinstalled on the new workers, and the bucket mounted there again.
     assert (fake_dir / f"worker{worker}" / "mesp_jax" / "README.md").exists()
+    assert len(lines(fake_dir, f"gcsfuse.{worker}")) == 2
+    assert lines(fake_dir, f"mounted.{worker}") == ["yes", "yes"]
+
+
+def test_pod_real_run_remounts_after_a_worker_restart(fake_pod):
+  # The first launch ends as a restarted VM does: the slice is still up, the
+  # project is still installed, but the worker has lost its mounts.
+  result, calls = run_fake_pod(fake_pod, "reboot,0")
+  fake_dir = fake_pod[1]
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert sum(c.startswith("compute tpus queued-resources create") for c in calls) == 1
+  assert sum("pip install" in c for c in calls) == 1
+  assert len(mount_calls(calls)) == 2
+  for worker in (0, 1):
+    assert len(lines(fake_dir, f"gcsfuse.{worker}")) == 2
+    assert lines(fake_dir, f"mounted.{worker}") == ["yes", "yes"]
+
+
+def test_pod_real_run_local_workdir_is_not_mounted(fake_pod, tmp_path):
+  workdir = str(tmp_path / "shared" / "runs")
+  result, calls = run_fake_pod(fake_pod, "0", workers=1, workdir=workdir,
+                               ALLOW_LOCAL_WORKDIR="1")
+  fake_dir = fake_pod[1]
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert not mount_calls(calls)
+  assert not lines(fake_dir, "gcsfuse.0")
+  (args,) = launches(fake_dir, 0)
+  assert f"--workdir={workdir} " in args
+
+
+@pytest.mark.skipif(shutil.which("gcsfuse") is not None,
+                    reason="a real gcsfuse is on PATH")
+def test_pod_real_run_without_gcsfuse(fake_pod):
+  bin_dir, fake_dir, _ = fake_pod
+  (bin_dir / "gcsfuse").unlink()
+  result, calls = run_fake_pod(fake_pod, "0", workers=1, MAX_RESTARTS="0")
+  assert result.returncode == 1
+  # The install step tried to install it from gcsfuse's apt repository (the
+  # fake sudo refuses), then said what to install; nothing was launched.
+  (sudo,) = lines(fake_dir, "sudo.0")
+  assert "apt-get install" in sudo and "gcsfuse" in sudo
+  assert "packages.cloud.google.com/apt" in sudo
+  assert "gcsfuse is not installed on" in result.stderr
+  assert "install the Debian package gcsfuse" in result.stderr
+  assert "install-failed" in result.stderr
+  assert not mount_calls(calls)
+  assert not launches(fake_dir, 0)
 
 
 def test_pod_real_run_max_restarts(fake_pod):

@@ -82,11 +82,24 @@ def straight(repo_root, tmp_path_factory):
   return train_losses(workdir)
 
 
+class _Crash(RuntimeError):
+  pass
+
+
 @pytest.fixture(scope="module")
 def four_steps(repo_root, tmp_path_factory):
-  """A workdir after 4 of the 6 steps (checkpoints 2 and 4); copy it."""
+  """A 6-step run that crashed at step 5 (checkpoints 2 and 4 saved, both
+  sealed); copy it."""
   workdir = tmp_path_factory.mktemp("four") / "run"
-  _run(smoke_config(repo_root, **dict(KW, num_steps=4)), workdir)
+  config = smoke_config(repo_root, **dict(KW, visualize_every=1))
+  task = blae_stage.make_task(config, str(workdir))
+
+  def crash_at_5(params, step, workdir_):
+    if step == 5:
+      raise _Crash("a simulated kill after the checkpoint at step 4")
+  task.visualize = crash_at_5
+  with pytest.raises(_Crash):
+    loop.train(config, str(workdir), task)
   return workdir
 
 
@@ -117,6 +130,22 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_finishes(
     assert ckpt.verify(manager, step)
 
 
+def test_a_kill_while_a_step_was_written_resumes_from_the_one_before(
+    repo_root, tmp_path, straight, four_steps):
+  """Orbax writes a step into a temporary folder and renames it when
+  complete; a kill in between leaves that folder, which is not a step."""
+  workdir = _copy(four_steps, tmp_path)
+  partial = workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1764700000"
+  shutil.copytree(workdir / "checkpoints" / "4" / "state", partial / "state")
+  _truncate(str(partial))
+  _run(smoke_config(repo_root, **KW), workdir)
+  manager = ckpt.make_manager(str(workdir / "checkpoints"), async_save=False)
+  assert manager.all_steps() == [2, 4, 6]
+  got = train_losses(workdir)
+  for step in range(1, 7):
+    assert got[step] == pytest.approx(straight[step], rel=1e-6), step
+
+
 def test_when_every_step_is_damaged_the_run_starts_again(
     repo_root, tmp_path, straight, four_steps):
   workdir = _copy(four_steps, tmp_path)
@@ -134,7 +163,7 @@ def test_when_every_step_is_damaged_the_run_starts_again(
 def test_a_reader_skips_a_damaged_step_and_leaves_it(repo_root, tmp_path,
                                                      four_steps):
   workdir = _copy(four_steps, tmp_path)
-  config = smoke_config(repo_root, **dict(KW, num_steps=4))
+  config = smoke_config(repo_root, **KW)
   _flip_bytes(str(workdir / "checkpoints" / "4"))
   task = blae_stage.make_task(config, str(workdir))
   _, step = loop.restore_params(
