@@ -14,7 +14,6 @@ line adds the traceback.
 
 from __future__ import annotations
 
-import difflib
 import re
 import sys
 import traceback
@@ -22,7 +21,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -110,17 +108,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         f"a --config.* flag names no field of the config: {text}"), verbose)
 
 
-def check_stage(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError (with a "did you mean") unless ``config.stage``
-  names a stage."""
-  stage = config.get("stage")
-  if stage not in stages.STAGES:
-    close = difflib.get_close_matches(str(stage), list(stages.STAGES), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"config.stage={stage!r} is not a stage{hint} (stages: "
-                      f"{', '.join(sorted(stages.STAGES))})")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -128,7 +115,7 @@ def main(argv):
   if not verbose:  # orbax is chatty at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    check_stage(_CONFIG.value)
+    stages.check_stage(_CONFIG.value)
     stages.check_paths(_CONFIG.value, _WORKDIR.value)  # before any mkdir
     check_workdir(_WORKDIR.value)
   except USER_ERRORS as e:

@@ -82,10 +82,16 @@ def test_resuming_on_changed_tokens_is_refused_then_allowed(repo_root,
 
 
 def test_a_fresh_workdir_on_new_tokens_is_not_refused(repo_root, tmp_path,
-                                                      trained):
+                                                      trained, capsys):
   tokens_dir, _ = trained
   write_tokens(tokens_dir, seed=1)
+  capsys.readouterr()
   stages.run(arvm_config(repo_root, tokens_dir), str(tmp_path / "other"))
+  # The tokens name a BL-AE that is not there: said before training, and
+  # training goes on without the sample grid.
+  out = capsys.readouterr().out
+  assert out.index("/nowhere/blae (the BL-AE of these tokens) is not a "
+                   "trained 'blae' workdir") < out.index("[arvm] step ")
 
 
 def test_earlier_configs_are_kept_and_paths_made_absolute(

@@ -358,3 +358,15 @@ def test_the_pipeline_checks_later_stages_before_training(
   with pytest.raises(ConfigError, match=f"{leaf}={value} must be"):
     stages.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "blae").exists()
+
+
+def test_a_misspelt_stage_is_refused_with_a_suggestion(repo_root, tmp_path):
+  from mesp_jax import stages
+  from mesp_jax.base.config import ConfigError, load_config
+  config = load_config(os.path.join(repo_root,
+                                    "configs/arvm_fashion_mnist.py:smoke"))
+  config.stage = "arvn"
+  with pytest.raises(ConfigError, match="'arvn' is not a stage; did you mean "
+                     "'arvm'"):
+    stages.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -138,8 +138,10 @@ def test_checkpoint_of_another_model_is_refused(repo_root, tmp_path):
 
 
 def test_nan_loss_stops_without_saving_the_bad_state(repo_root, tmp_path):
+  """``nan_guard='off'``: the logged loss is checked (the guard's own tests
+  are in test_reliability.py)."""
   config = smoke_config(repo_root, num_steps=6, checkpoint_every=2,
-                        log_every=1)
+                        log_every=1, nan_guard="off")
   task = blae_stage.make_task(config, str(tmp_path))
   task.visualize = None
   good_loss = task.loss_fn
@@ -149,7 +151,9 @@ def test_nan_loss_stops_without_saving_the_bad_state(repo_root, tmp_path):
     return jnp.where(step >= 2, jnp.nan, loss), metrics  # step counts from 0
 
   task.loss_fn = nan_from_step_3
-  with pytest.raises(loop.NonFiniteLossError, match="learning_rate"):
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"at step 3 \(data batch 2\).*newest checkpoint "
+                     r"is step 2 .*learning_rate"):
     loop.train(config, str(tmp_path), task)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 

@@ -8,6 +8,7 @@ runs, and no library module imports a stage.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
 
@@ -57,12 +58,21 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"launch/tpu_pod.sh does this for gs:// workdirs.")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
-  """Runs the stage named by ``config.stage`` in ``workdir``."""
+def check_stage(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (with a "did you mean") unless ``config.stage``
+  names a stage."""
   stage = config.get("stage")
   if stage not in STAGES:
-    raise ConfigError(f"config.stage={stage!r} is not a stage; choose one of "
-                      f"{sorted(STAGES)}")
+    close = difflib.get_close_matches(str(stage), list(STAGES), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config.stage={stage!r} is not a stage{hint} (stages: "
+                      f"{', '.join(sorted(STAGES))})")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  """Runs the stage named by ``config.stage`` in ``workdir``."""
+  check_stage(config)
+  stage = config.stage
   check_paths(config, workdir)
   check_workdir(workdir)
   module = importlib.import_module(f"{__name__}.{STAGES[stage]}")

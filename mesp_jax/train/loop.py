@@ -415,11 +415,15 @@ class NonFiniteLossError(FloatingPointError):
   """Training hit non-finite values; no checkpoint of a bad state is saved."""
 
 
-def _newest_checkpoint(manager, directory: str) -> str:
+def _newest_checkpoint(manager, directory: str, guarded: bool = True) -> str:
   step = manager.latest_step()
   if step is None:
     return (f"no checkpoint was saved yet in {directory}, so a rerun starts "
             f"from step 0")
+  if not guarded:
+    return (f"the newest checkpoint is step {step} in {directory} (saved "
+            f"before a non-finite loss was logged) and a rerun resumes from "
+            f"it")
   return (f"the newest checkpoint, step {step} in {directory}, holds finite "
           f"parameters (the guard never lets a bad step into the state) and "
           f"a rerun resumes from it")
@@ -453,7 +457,8 @@ class _Guard:
             f"{self.stage}: the loss became {m['loss']} at step {step} (data "
             f"batch {batch_index}); config.train.nan_guard='off', so the "
             f"state may be ruined and nothing after the last checkpoint is "
-            f"saved: {_newest_checkpoint(manager, directory)}. {hint}")
+            f"saved: {_newest_checkpoint(manager, directory, False)}. "
+            f"{hint}")
       if self.mode == "stop":
         raise NonFiniteLossError(
             f"{self.stage}: step {step} (data batch {batch_index}) was not "
