@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +17,15 @@ from mesp_jax.base.image import to_uint8
 def is_writer() -> bool:
   """Only process 0 writes files shared by all processes."""
   return jax.process_index() == 0
+
+
+def sha256_of_file(path: str) -> str:
+  """The SHA-256 hex digest of a file, read in 4 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -29,7 +29,6 @@ model's own variables; any mismatch raises :class:`InceptionWeightsError`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.request
@@ -146,12 +145,7 @@ def _check_and_unflatten(flat: dict[str, np.ndarray], source: str) -> dict:
   return nested
 
 
-def sha256_of_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+sha256_of_file = mio.sha256_of_file  # the name this module has exported
 
 
 def _expected_hash(path: str, sha256: str | None) -> str | None:

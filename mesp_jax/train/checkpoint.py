@@ -21,7 +21,6 @@ workdir (sampling, encoding) skip a damaged step and leave it in place.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from mesp_jax.base import io
 
 
 class CheckpointMismatchError(ValueError):
@@ -104,11 +105,7 @@ def _file_digests(folder: str) -> dict[str, list]:
       rel = os.path.relpath(path, folder)
       if rel == CHECKSUMS:
         continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-          digest.update(block)
-      out[rel] = [os.path.getsize(path), digest.hexdigest()]
+      out[rel] = [os.path.getsize(path), io.sha256_of_file(path)]
   return out
 
 
@@ -249,10 +246,7 @@ def digest(manager: ocp.CheckpointManager, step: int) -> str | None:
   """SHA-256 of ``step``'s checksum file: one identity for the whole step
   (None when it has no checksums)."""
   path = os.path.join(step_dir(manager, step), CHECKSUMS)
-  if not os.path.exists(path):
-    return None
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return io.sha256_of_file(path) if os.path.exists(path) else None
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> str:

@@ -56,14 +56,6 @@ def config_hash(config: ml_collections.ConfigDict | dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def checkpoint_identity(workdir: str, step: int | None = None) -> dict:
   """``{workdir, step, digest}`` of a training workdir at ``step`` (default:
   its newest step); ``digest`` is None for steps saved without checksums."""
@@ -84,14 +76,14 @@ def tokens_identity(tokens_dir: str, splits) -> dict:
     if not os.path.exists(path):
       continue
     info = tokens_lib.read_info(path)
-    digest = hashlib.sha256(_file_sha256(path).encode())
+    digest = hashlib.sha256(io.sha256_of_file(path).encode())
     if path.endswith(".json"):
       with open(path) as f:
         manifest = json.load(f)
       folder = os.path.dirname(path)
       for shard in manifest.get("shards", []):
         for key in ("tokens", "labels"):
-          digest.update(_file_sha256(os.path.join(folder, shard[key]))
+          digest.update(io.sha256_of_file(os.path.join(folder, shard[key]))
                         .encode())
     out[split] = {"path": os.path.abspath(path), "sha256": digest.hexdigest(),
                   "blae_workdir": info.get("blae_workdir", ""),
