@@ -18,15 +18,22 @@ from mesp_jax.base import config as config_lib
 from mesp_jax.base import io, sharding
 from mesp_jax.data import source_from_config
 from mesp_jax.eval import evaluate
-from mesp_jax.train import feature_net
+from mesp_jax.train import feature_net, provenance
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes ``{workdir}/eval.json`` and returns it."""
   config_lib.validate(config, "evaluate")
+  provenance.absolute_inputs(config)
   cfg = config.evaluate
   os.makedirs(workdir, exist_ok=True)
   net = feature_net.load_feature_net(config.inputs.feature_net_workdir)
+  inputs = {"feature_net": provenance.checkpoint_identity(
+      config.inputs.feature_net_workdir)}
+  if os.path.isfile(config.inputs.samples):  # else a manifest's folder
+    inputs["samples"] = provenance.file_identity(config.inputs.samples)
+  provenance.check_and_record(workdir, "evaluate", config, inputs,
+                              resuming=False)
   fn_data = net[2].data
   shape = source_from_config(fn_data, fn_data.get("eval_split", "test")
                              ).image_shape

@@ -35,7 +35,7 @@ from mesp_jax.experiments import gamma_sweep as sweep
 from mesp_jax.experiments import plots
 from mesp_jax.sample import kernel as kernel_lib
 from mesp_jax.sample import samplers
-from mesp_jax.train import arvm, blae
+from mesp_jax.train import arvm, blae, provenance
 
 
 def neural_tokens(arvm_workdir: str, gamma, bank: Bank,
@@ -69,6 +69,7 @@ def neural_tokens(arvm_workdir: str, gamma, bank: Bank,
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config, "gamma_sweep")
+  provenance.absolute_inputs(config)
   kcfg, scfg, smp = config.kernel, config.sweep, config.sampler
   gammas = parse_gammas(scfg.gammas)
   neural_dirs = sweep.parse_workdir_map(scfg.get("arvm_workdirs", ""))
@@ -88,6 +89,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_bank = len(bank.tokens)
   model, params, blae_config, blae_step = blae.load_blae(bank.blae_workdir,
                                                          mesh)
+  provenance.check_and_record(workdir, "gamma_sweep", config, {
+      "tokens": provenance.tokens_identity(
+          config.inputs.tokens_dir, [config.tokens.get("train_split",
+                                                       "train")]),
+      "blae": provenance.checkpoint_identity(bank.blae_workdir, blae_step),
+      "arvms": {label: provenance.checkpoint_identity(d)
+                for label, d in sorted(neural_dirs.items())}},
+      resuming=False)
   decode = samplers.token_decoder(model, params, bank.group, mesh,
                                   int(scfg.decode_batch_size))
   data_cfg = blae_config.data

@@ -23,11 +23,16 @@ from mesp_jax.experiments import mesp_overlap as study
 from mesp_jax.experiments import plots
 from mesp_jax.models.blae import build_blae
 from mesp_jax.models.vae import build_vae
+from mesp_jax.train import provenance
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes ``mesp_study.json`` and ``.png``; returns the summary."""
   config_lib.validate(config, "mesp_study")
+  provenance.check_and_record(
+      workdir, "mesp_study", config,
+      {"data": provenance.data_identity(config.data)},
+      resuming=provenance.has_checkpoints_below(workdir))
   cfg = config.study
   mesh = sharding.mesh_from_config(config)
   models = study.train_models(config, workdir, mesh)

@@ -164,6 +164,8 @@ def check_decoder(config: ml_collections.ConfigDict, sources: dict) -> None:
   info = tokens_lib.read_info(path)
   made_by = (info.get("blae_workdir", ""), info.get("checkpoint_step", -1))
   used = (sources["blae_workdir"], sources["blae_step"])
+  if made_by[1] < 0:  # older token files do not record the step
+    used = (used[0], made_by[1])
   if not made_by[0] or made_by == used:
     return
   if config.inputs.get("allow_changed", False):

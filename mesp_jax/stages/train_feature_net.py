@@ -15,12 +15,16 @@ import ml_collections
 from mesp_jax.base import config as config_lib
 from mesp_jax.base import io, sharding
 from mesp_jax.eval import reference
-from mesp_jax.train import feature_net, loop
+from mesp_jax.train import feature_net, loop, provenance
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Returns {split: ReferenceStats}."""
   config_lib.validate(config, "train_feature_net")
+  provenance.check_and_record(
+      workdir, feature_net.STAGE, config,
+      {"data": provenance.data_identity(config.data)},
+      resuming=provenance.has_checkpoints(workdir))
   state = loop.train(config, workdir, feature_net.make_task(config))
   step = int(jax.device_get(state.step))
   model = feature_net.build_feature_net(config.feature_net)

@@ -68,8 +68,11 @@ def checkpoint_identity(workdir: str, step: int | None = None) -> dict:
 
 
 def tokens_identity(tokens_dir: str, splits) -> dict:
-  """Per split: the token file's path, the BL-AE and step that wrote it and
-  a SHA-256 over the manifest and every shard (or the legacy npz)."""
+  """Per split: the token file's path, the BL-AE and step that wrote it (with
+  that checkpoint's digest when ``blae_encode`` recorded it) and a SHA-256
+  over the manifest and every shard (or the legacy npz)."""
+  encoded = (read(tokens_dir, "blae_encode") or {}).get("inputs", {}).get(
+      "blae", {})
   out = {}
   for split in splits:
     path = tokens_lib.tokens_path(tokens_dir, split)
@@ -88,7 +91,25 @@ def tokens_identity(tokens_dir: str, splits) -> dict:
     out[split] = {"path": os.path.abspath(path), "sha256": digest.hexdigest(),
                   "blae_workdir": info.get("blae_workdir", ""),
                   "blae_step": info.get("checkpoint_step", -1)}
+    if (encoded.get("workdir"), encoded.get("step")) == (
+        out[split]["blae_workdir"], out[split]["blae_step"]):
+      out[split]["blae_digest"] = encoded.get("digest")
   return out
+
+
+# The data fields that decide which images a model learns from.
+DATA_IDENTITY = ("name", "image_size", "channels", "train_split", "data_dir",
+                 "fashion_mnist_dir")
+
+
+def data_identity(data: ml_collections.ConfigDict) -> dict:
+  """What a ``config.data`` section names, as an input record."""
+  return {k: data.get(k) for k in DATA_IDENTITY}
+
+
+def file_identity(path: str) -> dict:
+  """``{path, sha256}`` of an input file (a samples .npz, say)."""
+  return {"path": os.path.abspath(path), "sha256": io.sha256_of_file(path)}
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -96,6 +117,16 @@ def has_checkpoints(workdir: str) -> bool:
   folder = os.path.join(workdir, "checkpoints")
   return os.path.isdir(folder) and any(
       name.isdigit() for name in os.listdir(folder))
+
+
+def has_checkpoints_below(workdir: str) -> bool:
+  """Whether ``workdir`` or one of its sub-folders holds saved steps (a
+  stage that trains several models, one per sub-folder)."""
+  if has_checkpoints(workdir):
+    return True
+  return os.path.isdir(workdir) and any(
+      has_checkpoints(os.path.join(workdir, name))
+      for name in os.listdir(workdir))
 
 
 def path_of(workdir: str, stage: str) -> str:
