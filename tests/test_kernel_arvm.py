@@ -342,6 +342,47 @@ def test_wavefront_batched_product_equals_lane_products(monkeypatch):
       batched, np.asarray(kernel.kernel_sample(bank, **common)))
 
 
+@pytest.mark.parametrize("order", ["raster", "random", "wavefront"])
+def test_popcount_and_product_updates_are_identical(monkeypatch, order):
+  """The two exact forms of the update (kernel.popcount_default) give the
+  same histograms bit for bit, and so the same tokens."""
+  rng = np.random.default_rng(6)
+  group = 5
+  bank = rng.integers(0, 2**group, (50, 4, 6, 2))
+  common = dict(group=group, sigma_s=0.6, gamma=2, chunk_size=16,
+                order=order, rng=jax.random.key(7))
+  draws = {}
+  for popcount in (True, False):
+    monkeypatch.setattr(kernel, "popcount_default",
+                        lambda mesh, p=popcount: p)
+    tokens = np.asarray(kernel.kernel_sample(bank, num_samples=3, **common))
+    hists = np.asarray(kernel.kernel_histograms(bank, tokens, **common))
+    draws[popcount] = tokens, hists
+  np.testing.assert_array_equal(draws[True][0], draws[False][0])
+  np.testing.assert_array_equal(draws[True][1], draws[False][1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.data())
+def test_popcount_delta_is_the_signed_inner_product(group, data):
+  """Against unpacked +-1 bits and a numpy dot product."""
+  s, k, c = data.draw(st.tuples(st.integers(1, 4), st.integers(1, 5),
+                                st.integers(1, 6)))
+  ints = st.integers(0, 2**group - 1)
+  x = np.array(data.draw(st.lists(ints, min_size=s * k, max_size=s * k)),
+               np.int32).reshape(s, k)
+  z = np.array(data.draw(st.lists(ints, min_size=k * c, max_size=k * c)),
+               np.int32).reshape(k, c)
+  sign = np.array(data.draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0]),
+                                     min_size=k, max_size=k)), np.float32)
+  shifts = np.arange(group - 1, -1, -1)
+  xb = 2 * ((x[..., None] >> shifts) & 1) - 1  # [s, k, g]
+  zb = 2 * ((z[..., None] >> shifts) & 1) - 1  # [k, c, g]
+  want = np.einsum("skg,kcg,k->sc", xb, zb, sign)
+  got = np.asarray(kernel_wavefront.popcount_delta(x, sign, z, group))
+  np.testing.assert_array_equal(got, want)
+
+
 def test_wavefront_sharded_and_sampler_equal_raster():
   mesh = mesh8()
   rng = np.random.default_rng(3)

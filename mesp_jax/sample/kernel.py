@@ -227,11 +227,23 @@ def kernel_memory_bytes(bank: KernelBank, num_samples: int,
 # ---------------------------------------------------------------------------
 # The device program.
 # ---------------------------------------------------------------------------
+def popcount_default(mesh: Mesh) -> bool:
+  """Whether updates use
+  :func:`~mesp_jax.sample.kernel_wavefront.popcount_delta` (else the bf16
+  product).
+
+  On CPU: XOR and popcount of the packed tokens skip unpacking K x g bits
+  of every bank entry and the product, and run several times faster (see
+  docs/benchmarks.md). Elsewhere the product runs on the matrix units and
+  stays the default. Both are exact (integer inner products), so the choice
+  never changes a result.
+  """
+  return mesh.devices.flat[0].platform == "cpu"
 
 
 def _local_program(chunks, valid, idx, sign, reset, first, count, token,
                    forced, rng, a_w, kmat, inv_temp, *, num_samples: int,
-                   group: int, teacher: bool):
+                   group: int, teacher: bool, popcount: bool):
   """Runs on one device: bank slice [nc, T, c], replicated everything else."""
   nc, num_tok, c = chunks.shape
   s, g, v = num_samples, group, 2**group
@@ -240,18 +252,24 @@ def _local_program(chunks, valid, idx, sign, reset, first, count, token,
   sample_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(s))
 
   def op_bits(samples, o):
-    """Signed context bits of op o: [S, K g] bf16 in {-1, 0, 1}."""
-    xs = bits_lib.unpack(jnp.take(samples, idx[o], axis=1), g, jnp.int32,
-                         axis=2)  # [S, K, g]
+    """Op o's context: [S, K] tokens (popcount), else signed bits [S, K g]
+    bf16 in {-1, 0, 1}."""
+    tokens = jnp.take(samples, idx[o], axis=1)  # [S, K]
+    if popcount:
+      return tokens
+    xs = bits_lib.unpack(tokens, g, jnp.int32, axis=2)  # [S, K, g]
     xs = xs * sign[o][None, :, None].astype(jnp.int32)
     return xs.reshape(s, width_k * g).astype(jnp.bfloat16)
 
   def chunk_state(i, state, xs, o):
     """Inner products [S, c] of chunk i after op o."""
     z = chunks[i, idx[o]]  # [K, c]
-    zb = bits_lib.unpack(z, g, jnp.int32, axis=1)  # [K, g, c]
-    zb = zb.reshape(width_k * g, c).astype(jnp.bfloat16)
-    delta = jnp.dot(xs, zb, preferred_element_type=jnp.float32)  # [S, c]
+    if popcount:
+      delta = kernel_wavefront.popcount_delta(xs, sign[o], z, g)  # [S, c]
+    else:
+      zb = bits_lib.unpack(z, g, jnp.int32, axis=1)  # [K, g, c]
+      zb = zb.reshape(width_k * g, c).astype(jnp.bfloat16)
+      delta = jnp.dot(xs, zb, preferred_element_type=jnp.float32)  # [S, c]
     old = jax.lax.dynamic_index_in_dim(state, i, 0, keepdims=False)  # [S, c]
     # The barrier materialises the new chunk once, so the state is updated in
     # place instead of being copied to keep the old chunk alive.
@@ -317,7 +335,7 @@ def _local_program(chunks, valid, idx, sign, reset, first, count, token,
 
 @functools.lru_cache(maxsize=32)
 def _compiled_program(mesh: Mesh, num_samples: int, group: int, teacher: bool,
-                      key_impl: str | None):
+                      key_impl: str | None, popcount: bool):
   """The jitted shard_map program (cached per static configuration)."""
 
   def fn(*args):
@@ -325,7 +343,7 @@ def _compiled_program(mesh: Mesh, num_samples: int, group: int, teacher: bool,
     if key_impl is not None:  # typed keys travel as their key data
       args[9] = jax.random.wrap_key_data(args[9], impl=key_impl)
     return _local_program(*args, num_samples=num_samples, group=group,
-                          teacher=teacher)
+                          teacher=teacher, popcount=popcount)
 
   sharded = P(DATA_AXES)
   rep = P()
@@ -345,8 +363,14 @@ def _replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
 
 def _run(bank: KernelBank, schedule: Schedule | LaneSchedule, *,
          sigma_s: float, num_samples: int, rng: jax.Array,
-         forced: np.ndarray | None, temperature: float):
-  """Runs the device program; returns ([S, T] tokens, [S, T, V] or [0])."""
+         forced: np.ndarray | None, temperature: float,
+         popcount: bool | None = None):
+  """Runs the device program; returns ([S, T] tokens, [S, T, V] or [0]).
+
+  ``popcount``: the update's form (default :func:`popcount_default`).
+  """
+  if popcount is None:
+    popcount = popcount_default(bank.mesh)
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if num_samples < 1:
@@ -369,10 +393,10 @@ def _run(bank: KernelBank, schedule: Schedule | LaneSchedule, *,
     steps += (schedule.active,)
     program = kernel_wavefront.compiled_lane_program(
         bank.mesh, num_samples, bank.group, teacher, key_impl,
-        kernel_wavefront.lane_dots_default(bank.mesh))
+        kernel_wavefront.lane_dots_default(bank.mesh), popcount)
   else:
     program = _compiled_program(bank.mesh, num_samples, bank.group,
-                                teacher, key_impl)
+                                teacher, key_impl, popcount)
   host = steps + (
       forced, key_data, np.float32(_weight_scale(sigma_s)),
       kernel_matrix(bank.group, sigma_s).astype(np.float32),

@@ -56,9 +56,29 @@ def draw_from_histogram(p: jax.Array, t: jax.Array, sample_keys: jax.Array,
                    jnp.argmax(p, axis=-1)).astype(jnp.int32)
 
 
+def popcount_delta(x: jax.Array, sign: jax.Array, z: jax.Array,
+                   group: int) -> jax.Array:
+  """The inner-product change of one op from packed tokens, exactly.
+
+  Args:
+    x: [S, K] int32 tokens of the samples (g bits each).
+    sign: [K] in {-1, 0, +1}: added, ignored (padding) or subtracted.
+    z: [K, c] the bank's tokens at the same sequence indices.
+    group: g.
+
+  Returns:
+    [S, c] float32: ``sum_k sign_k <bits(x_k), bits(z_k)>`` with +-1 bits,
+    as ``<a, b> = g - 2 hamming(a, b)``.
+  """
+  ip = group - 2 * bits_lib.hamming(x[:, :, None], z[None])  # [S, K, c]
+  sgn = sign.astype(jnp.int32)[None, :, None]
+  return jnp.sum(sgn * ip, axis=1).astype(jnp.float32)
+
+
 def _lane_program(chunks, valid, idx, sign, reset, first, count, token, active,
                   forced, rng, a_w, kmat, inv_temp, *, num_samples: int,
-                  group: int, teacher: bool, lane_dots: bool):
+                  group: int, teacher: bool, lane_dots: bool,
+                  popcount: bool = False):
   """Runs on one device: bank slice [nc, T, c], replicated everything else."""
   nc, num_tok, c = chunks.shape
   s, g, v = num_samples, group, 2**group
@@ -67,16 +87,25 @@ def _lane_program(chunks, valid, idx, sign, reset, first, count, token, active,
   sample_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(s))
 
   def op_bits(samples, o):
-    """Signed context bits of op o: [L, S, K g] bf16 in {-1, 0, 1}."""
-    xs = bits_lib.unpack(jnp.take(samples, idx[o], axis=1), g, jnp.int32,
-                         axis=3)  # [S, L, K, g]
+    """Op o's context: [L, S, K] tokens (popcount), else signed bits
+    [L, S, K g] bf16 in {-1, 0, 1}."""
+    tokens = jnp.take(samples, idx[o], axis=1)  # [S, L, K]
+    if popcount:
+      return tokens.transpose(1, 0, 2)
+    xs = bits_lib.unpack(tokens, g, jnp.int32, axis=3)  # [S, L, K, g]
     xs = xs * sign[o][None, :, :, None].astype(jnp.int32)
     return xs.transpose(1, 0, 2, 3).reshape(lanes, s, width_k * g).astype(
         jnp.bfloat16)
 
-  def new_chunk(old, xs, z, zero):
+  def new_chunk(old, xs, z, zero, sgn):
     """Inner products [L, S, c] after adding xs [L, S, K g] times the bank
-    bits of z [L, K, c] to old [L, S, c] (zeroed on lanes where ``zero``)."""
+    bits of z [L, K, c] to old [L, S, c] (zeroed on lanes where ``zero``);
+    with popcount, xs [L, S, K] are tokens and sgn [L, K] their signs."""
+    if popcount:
+      delta = jax.vmap(popcount_delta, in_axes=(0, 0, 0, None))(
+          xs, sgn, z, g)  # [L, S, c]
+      return jax.lax.optimization_barrier(
+          jnp.where(zero[:, None, None], 0.0, old) + delta)
     zb = bits_lib.unpack(z, g, jnp.int32, axis=2)  # [L, K, g, c]
     zb = zb.reshape(lanes, width_k * g, c).astype(jnp.bfloat16)
     if lane_dots:  # raster's [S, K g] x [K g, c] product, lane by lane
@@ -109,7 +138,8 @@ def _lane_program(chunks, valid, idx, sign, reset, first, count, token, active,
     def body(i, carry):
       state, m, agg = carry
       old = jax.lax.dynamic_index_in_dim(state, i, 0, keepdims=False)
-      new = new_chunk(old, xs, chunks[i, idx[o]], reset[o])  # [L, S, c]
+      new = new_chunk(old, xs, chunks[i, idx[o]], reset[o],
+                      sign[o])  # [L, S, c]
       state = jax.lax.dynamic_update_index_in_dim(state, new, i, 0)
       if tok is not None:
         m, agg = fold(m, agg, new, i, chunks[i, tok])
@@ -174,7 +204,7 @@ def lane_dots_default(mesh: Mesh) -> bool:
 @functools.lru_cache(maxsize=32)
 def compiled_lane_program(mesh: Mesh, num_samples: int, group: int,
                           teacher: bool, key_impl: str | None,
-                          lane_dots: bool):
+                          lane_dots: bool, popcount: bool = False):
   """The jitted shard_map program (cached per static configuration).
 
   Arguments: the bank chunks and valid mask (sharded), then the
@@ -189,7 +219,8 @@ def compiled_lane_program(mesh: Mesh, num_samples: int, group: int,
     if key_impl is not None:
       args[_RNG_ARG] = jax.random.wrap_key_data(args[_RNG_ARG], impl=key_impl)
     return _lane_program(*args, num_samples=num_samples, group=group,
-                         teacher=teacher, lane_dots=lane_dots)
+                         teacher=teacher, lane_dots=lane_dots,
+                         popcount=popcount)
 
   sharded = P(DATA_AXES)
   rep = P()
