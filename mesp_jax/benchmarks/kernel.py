@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="timed runs per case; the best is reported")
   p.add_argument("--devices", type=int, default=0,
                  help="split the bank over this many devices (0: all)")
+  p.add_argument("--updates", default="default",
+                 help="comma-separated update forms: popcount, product or "
+                      "default (the platform's: popcount on CPU); rows of "
+                      "one case share the raster baseline of the same form")
   p.add_argument("--seed", type=int, default=0)
   return p
 
@@ -123,9 +127,17 @@ def _load_bank(args, grid: tuple[int, int, int]) -> np.ndarray:
                       dtype=np.int32)
 
 
+UPDATES = {"default": None, "popcount": True, "product": False}
+
+
 def run_case(bank: kernel_lib.KernelBank, gamma, args, order: str | None = None,
-             num_samples: int | None = None) -> dict:
+             num_samples: int | None = None, update: str = "default") -> dict:
   """Compiles, warms up and times one case; returns a table row."""
+  if update not in UPDATES:
+    raise SystemExit(f"--updates: {update!r} is not one of {sorted(UPDATES)}")
+  popcount = UPDATES[update]
+  if popcount is None:
+    popcount = kernel_lib.popcount_default(bank.mesh)
   order = args.order if order is None else order
   num_samples = args.num_samples[0] if num_samples is None else num_samples
   height, width, tp = bank.grid
@@ -146,7 +158,8 @@ def run_case(bank: kernel_lib.KernelBank, gamma, args, order: str | None = None,
   def sample():
     return kernel_lib.kernel_sample(
         bank, group=bank.group, sigma_s=args.sigma_s, gamma=gamma,
-        num_samples=num_samples, rng=rng, order=order, max_tokens=max_tokens)
+        num_samples=num_samples, rng=rng, order=order, max_tokens=max_tokens,
+        popcount=popcount)
 
   start = time.perf_counter()
   sample().block_until_ready()
@@ -164,6 +177,7 @@ def run_case(bank: kernel_lib.KernelBank, gamma, args, order: str | None = None,
       "grid": f"{height}x{width}x{tp}",
       "gamma": "global" if parse_gamma(gamma) is None else gamma,
       "order": order,
+      "update": "popcount" if popcount else "product",
       "S": num_samples,
       "lanes": lanes or 1,
       "K": schedule.width,
@@ -183,7 +197,8 @@ def run_case(bank: kernel_lib.KernelBank, gamma, args, order: str | None = None,
   }
 
 
-HEADER = (f"{'grid':>8} {'gamma':>6} {'order':>9} {'S':>3} {'L':>2} {'K':>3} "
+HEADER = (f"{'grid':>8} {'gamma':>6} {'order':>9} {'update':>8} {'S':>3} "
+          f"{'L':>2} {'K':>3} "
           f"{'ops':>5} {'steps':>5} {'warmup s':>8} {'s/batch':>8} "
           f"{'samples/s':>9} {'ms/image':>9} {'tokens/s':>9} {'ms/step':>8} "
           f"{'RSS MB':>6} {'bound MB':>8} {'vs raster':>9}  note")
@@ -192,7 +207,8 @@ HEADER = (f"{'grid':>8} {'gamma':>6} {'order':>9} {'S':>3} {'L':>2} {'K':>3} "
 def format_row(row: dict, raster_s: float | None) -> str:
   ratio = f"{raster_s / row['batch_s']:.2f}x" if raster_s else "-"
   return (f"{row['grid']:>8} {row['gamma']!s:>6} {row['order']:>9} "
-          f"{row['S']:>3} {row['lanes']:>2} {row['K']:>3} {row['ops']:>5} "
+          f"{row['update']:>8} {row['S']:>3} {row['lanes']:>2} "
+          f"{row['K']:>3} {row['ops']:>5} "
           f"{row['steps']:>5} {row['warmup_s']:>8.2f} {row['batch_s']:>8.2f} "
           f"{row['samples_per_s']:>9.2f} {row['ms_per_image']:>9.1f} "
           f"{row['tokens_per_s']:>9.0f} {row['ms_per_step']:>8.2f} "
@@ -231,10 +247,12 @@ def main(argv: list[str]) -> None:
       gamma = gamma.strip()
       gamma = gamma if gamma == "global" else int(gamma)
       for num_samples in args.num_samples:
-        raster_s = None
-        for order in orders:
-          row = run_case(bank, gamma, args, order, num_samples)
-          if order == "raster":
-            raster_s = row["batch_s"]
-          print(format_row(row, raster_s if order != "raster" else None),
-                flush=True)
+        for update in args.updates.split(","):
+          raster_s = None
+          for order in orders:
+            row = run_case(bank, gamma, args, order, num_samples,
+                           update.strip())
+            if order == "raster":
+              raster_s = row["batch_s"]
+            print(format_row(row, raster_s if order != "raster" else None),
+                  flush=True)

@@ -422,7 +422,8 @@ def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
                   rng: jax.Array, order: str | Sequence[int] = "raster",
                   temperature: float = 1.0, chunk_size: int = 8192,
                   mesh: Mesh | None = None,
-                  max_tokens: int | None = None) -> jax.Array:
+                  max_tokens: int | None = None,
+                  popcount: bool | None = None) -> jax.Array:
   """Draws samples from the kernel gamma-ARVM.
 
   Args:
@@ -446,6 +447,8 @@ def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
     max_tokens: generate only the first ``max_tokens`` tokens of the order
       (the rest stay 0); for timing slices. For 'wavefront', the first steps
       that hold at most ``max_tokens`` tokens (at least one step).
+    popcount: the update's form, XOR and popcount or the bf16 product (the
+      same tokens); None: :func:`popcount_default`.
 
   Returns:
     [S, H, W, Tp] int32 tokens (replicated over the mesh).
@@ -455,7 +458,8 @@ def kernel_sample(bank_tokens: np.ndarray | jax.Array | KernelBank, *,
   schedule = plan_schedule(height, width, tp, gamma, order, group, rng,
                            max_tokens=max_tokens)
   samples, _ = _run(bank, schedule, sigma_s=sigma_s, num_samples=num_samples,
-                    rng=rng, forced=None, temperature=temperature)
+                    rng=rng, forced=None, temperature=temperature,
+                    popcount=popcount)
   return samples.reshape(num_samples, height, width, tp)
 
 
