@@ -230,6 +230,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   blae_dir = os.path.abspath(config.inputs.blae_workdir or blae_dir)
   model_b, params_b, blae_cfg, blae_step = blae.load_blae(blae_dir, mesh)
   sources.update(blae_workdir=blae_dir, blae_step=blae_step)
+  size = int(blae_cfg.data.image_size)
+  check_sampling(scfg, sampler, (size, size, data_channels(blae_cfg.data)),
+                 processes)
   check_decoder(config, sources)
   inputs = {"blae": provenance.checkpoint_identity(blae_dir, blae_step)}
   if kind == "neural":
@@ -243,9 +246,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               resuming=False)
   if processes > 1:
     params_b = sharding.to_local(params_b, sample_mesh)
-  size = int(blae_cfg.data.image_size)
-  check_sampling(scfg, sampler, (size, size, data_channels(blae_cfg.data)),
-                 processes)
 
   def progress(done, total):
     if io.is_writer():
