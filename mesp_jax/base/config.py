@@ -452,6 +452,8 @@ def check_workdir(workdir: str) -> str:
   Raises:
     WorkdirError: naming the path and what is in the way.
   """
+  if "://" in str(workdir):  # a URI: folders are prefixes; the stage's
+    return str(workdir)      # file system was checked (stages.check_paths)
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(

@@ -1,10 +1,19 @@
-"""Files: atomic writes from process 0 only, image grids, JSON."""
+"""Files: atomic writes from process 0 only, image grids, JSON, and paths
+that may be object-store URIs.
+
+A path is a local (or mounted) path or a URI such as ``gs://bucket/run``.
+The helpers below take either: local paths go through ``os`` as always,
+URIs through ``etils.epath`` (which uses fsspec, for ``gs://`` the
+``gcsfs`` package). Objects are written whole (an object store has no
+append and no rename of folders), so a write is atomic there too.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -19,10 +28,123 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+# ---------------------------------------------------------------------------
+# Paths: local or URI.
+# ---------------------------------------------------------------------------
+def is_uri(path) -> bool:
+  """Whether ``path`` is a URI (``scheme://...``) rather than a local path."""
+  return "://" in str(path)
+
+
+def _epath(path):
+  from etils import epath
+  return epath.Path(str(path))
+
+
+def abspath(path: str) -> str:
+  """``os.path.abspath`` for local paths; URIs unchanged."""
+  return str(path) if is_uri(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  return _epath(path).exists() if is_uri(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _epath(path).is_dir() if is_uri(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+  return _epath(path).is_file() if is_uri(path) else os.path.isfile(path)
+
+
+def makedirs(path: str) -> None:
+  if is_uri(path):
+    _epath(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  """Names in a folder ([] when it does not exist)."""
+  if is_uri(path):
+    p = _epath(path)
+    return sorted(c.name for c in p.iterdir()) if p.exists() else []
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def open_file(path: str, mode: str = "r"):
+  return _epath(path).open(mode) if is_uri(path) else open(path, mode)
+
+
+def read_bytes(path: str) -> bytes:
+  with open_file(path, "rb") as f:
+    return f.read()
+
+
+def read_text(path: str) -> str:
+  return read_bytes(path).decode()
+
+
+def remove(path: str) -> None:
+  if is_uri(path):
+    _epath(path).unlink()
+  else:
+    os.remove(path)
+
+
+def move(src: str, dst: str) -> None:
+  """Moves a file or a folder (on an object store: copies, then deletes)."""
+  if is_uri(src) or is_uri(dst):
+    # Object by object (a bucket's "folders" are name prefixes, which
+    # epath's rename does not accept as targets).
+    pairs = ([(os.path.join(src, r), os.path.join(dst, r))
+              for r in walk_files(src)] if isdir(src) else [(src, dst)])
+    for a, b in pairs:
+      atomic_write_bytes(b, read_bytes(a))
+    for a, _ in pairs:
+      remove(a)
+    return
+  shutil.move(src, dst)
+
+
+def walk_files(folder: str) -> list[str]:
+  """Every file below ``folder``, as sorted paths relative to it."""
+  if is_uri(folder):
+    out, todo = [], [(_epath(folder), "")]
+    while todo:  # one listing per folder (epath has no recursive glob here)
+      here, prefix = todo.pop()
+      for child in here.iterdir():
+        rel = prefix + child.name
+        if child.is_dir():
+          todo.append((child, rel + "/"))
+        else:
+          out.append(rel)
+    return sorted(out)
+  out = []
+  for root, _, files in os.walk(folder):
+    out += [os.path.relpath(os.path.join(root, f), folder) for f in files]
+  return sorted(out)
+
+
+def file_size(path: str) -> int:
+  return _epath(path).stat().length if is_uri(path) else os.path.getsize(path)
+
+
+def append_text(path: str, text: str) -> None:
+  """Appends to a file; an object is rewritten whole (no append there)."""
+  if is_uri(path):
+    old = read_bytes(path) if exists(path) else b""
+    atomic_write_bytes(path, old + text.encode())
+    return
+  with open(path, "a") as f:
+    f.write(text)
+
+
 def sha256_of_file(path: str) -> str:
   """The SHA-256 hex digest of a file, read in 4 MiB blocks."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -32,7 +154,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` via a temporary file and ``os.replace``.
 
   A crash mid-write leaves the old file (or none), never a truncated one.
+  A URI's object is written in one request, which is atomic by itself.
   """
+  if is_uri(path):
+    makedirs(os.path.dirname(path))
+    _epath(path).write_bytes(data)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import re
 
 import ml_collections
@@ -34,28 +35,72 @@ STAGES = {
 }
 
 
-def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses URI workdirs and inputs (``gs://...``) before anything runs.
+# Stages whose workdir may be an object-store URI (gs://...): the training
+# stages, whose outputs (checkpoints, metrics, configs, records, pictures)
+# all go through base.io and Orbax. The others memory-map token shards or
+# write sample sets with local file APIs.
+REMOTE_STAGES = ("blae", "arvm", "train_feature_net")
+# Modules a URI scheme needs besides its fsspec file system (Orbax asks
+# the GCS client whether a bucket has a hierarchical namespace).
+REMOTE_MODULES = {"gs": ("google.cloud.storage",)}
 
-  Every stage reads and writes through local file APIs (memory-mapped token
-  shards, appended metrics, atomic renames), so a URI would become a local
-  folder named ``gs:`` on each worker. A bucket mounted with Cloud Storage
-  FUSE at the same path on every worker works (``launch/tpu_pod.sh`` does
-  that for ``gs://`` workdirs).
+
+def _mount_hint(value: str) -> str:
+  bucket = value.split("://", 1)[1].split("/", 1)[0]
+  return (f"mount the bucket on every machine at the same path (e.g. gcsfuse "
+          f"--implicit-dirs --rename-dir-limit=200000 {bucket} /gcs/{bucket})"
+          f" and give that path (/gcs/{bucket}/...); launch/tpu_pod.sh does "
+          f"this for gs:// workdirs")
+
+
+def remote_problem(uri: str) -> str | None:
+  """What is missing to write ``uri`` (its fsspec file system, for gs://
+  the gcsfs package, and :data:`REMOTE_MODULES`), or None."""
+  scheme = uri.split("://", 1)[0]
+  try:
+    import fsspec
+    fsspec.get_filesystem_class(scheme)
+  except (ImportError, ValueError) as e:
+    return f"no {scheme}:// file system is installed ({e})"
+  for module in REMOTE_MODULES.get(scheme, ()):
+    try:
+      found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+      found = False
+    if not found:
+      return f"the module {module} is not installed"
+  return None
+
+
+def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses, before anything runs, URIs (``gs://...``) that the stage
+  cannot use.
+
+  A training stage (:data:`REMOTE_STAGES`) may write its workdir to a URI
+  when the scheme's file system is installed (``pip install
+  'mesp_jax[gcs]'`` for gs://). Inputs and the other stages' workdirs must
+  be local or mounted paths: they memory-map token shards and write
+  sample sets with local file APIs (a URI would become a local folder named
+  ``gs:`` on each worker).
   """
-  named = [("--workdir", workdir)] + [
-      (f"config.inputs.{k}", v)
-      for k, v in (config.get("inputs") or {}).items() if isinstance(v, str)]
-  for name, value in named:
-    if value and _URI.match(value):
-      scheme = value.split("://", 1)[0]
-      bucket = value.split("://", 1)[1].split("/", 1)[0]
+  stage = config.get("stage")
+  if workdir and _URI.match(workdir):
+    if stage not in REMOTE_STAGES:
       raise ConfigError(
-          f"{name}={value!r}: {scheme}:// URIs are not read or written "
-          f"directly. Mount the bucket on every machine at the same path "
-          f"(e.g. gcsfuse --implicit-dirs --rename-dir-limit=200000 {bucket} "
-          f"/gcs/{bucket}) and give that path (/gcs/{bucket}/...); "
-          f"launch/tpu_pod.sh does this for gs:// workdirs.")
+          f"--workdir={workdir!r}: stage {stage!r} writes local files only; "
+          f"{_mount_hint(workdir)}. (The training stages "
+          f"{', '.join(REMOTE_STAGES)} can write to a URI directly.)")
+    problem = remote_problem(workdir)
+    if problem:
+      raise ConfigError(
+          f"--workdir={workdir!r}: {problem}. Install that file system (for "
+          f"gs://: pip install 'mesp_jax[gcs]', which brings gcsfs and "
+          f"google-cloud-storage), or {_mount_hint(workdir)}.")
+  for key, value in (config.get("inputs") or {}).items():
+    if isinstance(value, str) and _URI.match(value):
+      raise ConfigError(
+          f"config.inputs.{key}={value!r}: inputs are read with local file "
+          f"APIs (memory-mapped token shards); {_mount_hint(value)}.")
 
 
 def check_stage(config: ml_collections.ConfigDict) -> None:

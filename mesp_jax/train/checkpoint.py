@@ -20,10 +20,9 @@ workdir (sampling, encoding) skip a damaged step and leave it in place.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import os
-import shutil
 import threading
 import time
 from typing import Any
@@ -53,7 +52,7 @@ def make_manager(directory: str, max_to_keep: int = 3,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True,
       enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(io.abspath(directory), options=options,
                                item_names=("state", "loader", "meta"))
 
 
@@ -99,13 +98,10 @@ def _file_digests(folder: str) -> dict[str, list]:
   """``{relative path: [size, sha256 hex]}`` of every file under ``folder``
   except the checksum file itself."""
   out = {}
-  for root, _, files in os.walk(folder):
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, folder)
-      if rel == CHECKSUMS:
-        continue
-      out[rel] = [os.path.getsize(path), io.sha256_of_file(path)]
+  for rel in io.walk_files(folder):
+    if rel != CHECKSUMS:
+      path = os.path.join(folder, rel)
+      out[rel] = [io.file_size(path), io.sha256_of_file(path)]
   return out
 
 
@@ -126,12 +122,9 @@ def seal(manager: ocp.CheckpointManager, steps) -> list[int]:
                         indent=1, sort_keys=True).encode()
     except FileNotFoundError:  # deleted (max_to_keep) while it was read
       continue
-    if not os.path.isdir(folder):
+    if not io.isdir(folder):
       continue
-    tmp = os.path.join(folder, CHECKSUMS + ".tmp")
-    with open(tmp, "wb") as f:
-      f.write(body)
-    os.replace(tmp, os.path.join(folder, CHECKSUMS))
+    io.atomic_write_bytes(os.path.join(folder, CHECKSUMS), body)
     sealed.append(int(step))
   return sealed
 
@@ -197,11 +190,10 @@ def verify(manager: ocp.CheckpointManager, step: int) -> bool:
   """
   folder = step_dir(manager, step)
   path = os.path.join(folder, CHECKSUMS)
-  if not os.path.exists(path):
+  if not io.exists(path):
     return False
   try:
-    with open(path) as f:
-      want = json.load(f)["files"]
+    want = json.loads(io.read_bytes(path))["files"]
   except (ValueError, KeyError, TypeError) as e:
     raise DamagedCheckpointError(f"its {CHECKSUMS} is unreadable ({e})"
                                  ) from None
@@ -246,7 +238,7 @@ def digest(manager: ocp.CheckpointManager, step: int) -> str | None:
   """SHA-256 of ``step``'s checksum file: one identity for the whole step
   (None when it has no checksums)."""
   path = os.path.join(step_dir(manager, step), CHECKSUMS)
-  return io.sha256_of_file(path) if os.path.exists(path) else None
+  return io.sha256_of_file(path) if io.exists(path) else None
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> str:
@@ -258,13 +250,13 @@ def quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> str:
   stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
   target = os.path.join(str(manager.directory), DAMAGED, f"{step}-{stamp}")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(step_dir(manager, step), target)
-    with open(os.path.join(target, "NOTE.txt"), "w") as f:
-      f.write(f"checkpoint step {step} was moved here at {stamp} because it "
-              f"could not be trusted:\n{why}\n\nTraining goes on from the "
-              f"newest good step (or from the start). Nothing in this "
-              f"folder was changed; delete it when you no longer need it.\n")
+    io.makedirs(os.path.dirname(target))
+    io.move(step_dir(manager, step), target)
+    io.atomic_write_bytes(os.path.join(target, "NOTE.txt"), (
+        f"checkpoint step {step} was moved here at {stamp} because it "
+        f"could not be trusted:\n{why}\n\nTraining goes on from the "
+        f"newest good step (or from the start). Nothing in this folder was "
+        f"changed; delete it when you no longer need it.\n").encode())
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
@@ -285,10 +277,10 @@ def _restore_position(manager: ocp.CheckpointManager, step: int) -> dict:
     return item.state
   except Exception as per_process:  # noqa: BLE001 - try the other layouts
     folder = os.path.join(str(manager.directory), str(step), "loader")
-    files = sorted(glob.glob(os.path.join(folder, "process_*-of-*.json")))
+    files = [name for name in io.listdir(folder)
+             if fnmatch.fnmatch(name, "process_*-of-*.json")]
     if files:
-      with open(files[0]) as f:
-        return json.load(f)
+      return json.loads(io.read_bytes(os.path.join(folder, files[0])))
     try:
       return manager.restore(step, args=ocp.args.Composite(
           loader=ocp.args.JsonRestore()))["loader"]

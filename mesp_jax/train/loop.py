@@ -511,7 +511,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
   mesh = mesh or sharding.mesh_from_config(config)
   check_batch(tcfg, mesh)
   check_eval_batch(tcfg, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  io.makedirs(workdir)
   tx = make_optimizer(tcfg)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -670,12 +670,11 @@ def load_run_config(workdir: str, name: str) -> ml_collections.ConfigDict:
     FileNotFoundError: ``workdir`` holds no such run, with what to do.
   """
   path = os.path.join(workdir, f"{name}_config.json")
-  if not os.path.exists(path):
+  if not io.exists(path):
     raise FileNotFoundError(
         f"{path} not found: {workdir!r} is not a trained {name} workdir. Train "
         f"it first (stage '{name}') or point the config at the right folder.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(io.read_bytes(path)))
 
 
 class _Peek:

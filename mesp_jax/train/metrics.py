@@ -37,22 +37,25 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if io.is_writer():
-      os.makedirs(workdir, exist_ok=True)
-      if tensorboard:
+      io.makedirs(workdir)
+      if tensorboard and io.is_uri(workdir):
+        logging.warning("no TensorBoard events in %s: they are written to "
+                        "local folders only (metrics.jsonl has every value)",
+                        workdir)
+      elif tensorboard:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def truncate_after(self, step: int) -> None:
-    if not io.is_writer() or not os.path.exists(self.path):
+    if not io.is_writer() or not io.exists(self.path):
       return
     kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          if json.loads(line)["step"] <= step:
-            kept.append(line)
-        except (ValueError, KeyError):
-          continue  # a torn last line from a crash
+    for line in io.read_text(self.path).splitlines(keepends=True):
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError):
+        continue  # a torn last line from a crash
     io.atomic_write_bytes(self.path, "".join(kept).encode())
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train"
@@ -61,8 +64,7 @@ class MetricWriter:
       return
     record = {"step": int(step), "split": split}
     record.update({k: _to_python(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    io.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in record.items():
         if k not in ("step", "split") and isinstance(v, (int, float)):
@@ -78,11 +80,10 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
   """Reads ``metrics.jsonl`` (optionally one split) as a list of dicts."""
   path = os.path.join(workdir, "metrics.jsonl")
   out = []
-  with open(path) as f:
-    for line in f:
-      rec = json.loads(line)
-      if split is None or rec.get("split") == split:
-        out.append(rec)
+  for line in io.read_text(path).splitlines():
+    rec = json.loads(line)
+    if split is None or rec.get("split") == split:
+      out.append(rec)
   return out
 
 

@@ -59,7 +59,7 @@ def config_hash(config: ml_collections.ConfigDict | dict) -> str:
 def checkpoint_identity(workdir: str, step: int | None = None) -> dict:
   """``{workdir, step, digest}`` of a training workdir at ``step`` (default:
   its newest step); ``digest`` is None for steps saved without checksums."""
-  workdir = os.path.abspath(workdir)
+  workdir = io.abspath(workdir)
   manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"),
                               async_save=False)
   step = manager.latest_step() if step is None else int(step)
@@ -115,8 +115,7 @@ def file_identity(path: str) -> dict:
 def has_checkpoints(workdir: str) -> bool:
   """Whether a training workdir holds saved steps to resume from."""
   folder = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(folder) and any(
-      name.isdigit() for name in os.listdir(folder))
+  return any(name.isdigit() for name in io.listdir(folder))
 
 
 def has_checkpoints_below(workdir: str) -> bool:
@@ -124,9 +123,8 @@ def has_checkpoints_below(workdir: str) -> bool:
   stage that trains several models, one per sub-folder)."""
   if has_checkpoints(workdir):
     return True
-  return os.path.isdir(workdir) and any(
-      has_checkpoints(os.path.join(workdir, name))
-      for name in os.listdir(workdir))
+  return any(has_checkpoints(os.path.join(workdir, name))
+             for name in io.listdir(workdir))
 
 
 def path_of(workdir: str, stage: str) -> str:
@@ -136,11 +134,10 @@ def path_of(workdir: str, stage: str) -> str:
 def read(workdir: str, stage: str) -> dict | None:
   """The record of ``stage`` in ``workdir``, or None."""
   path = path_of(workdir, stage)
-  if not os.path.exists(path):
+  if not io.exists(path):
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(io.read_bytes(path))
   except ValueError:
     return None  # a damaged record is rewritten; it guards nothing
 
@@ -191,7 +188,7 @@ def check_and_record(workdir: str, stage: str,
   record = {"stage": stage, "config_sha256": config_hash(config),
             "inputs": inputs, "history": history,
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  os.makedirs(workdir, exist_ok=True)
+  io.makedirs(workdir)
   io.write_json(path_of(workdir, stage), record)
   return record
 
@@ -200,21 +197,21 @@ def keep_config(workdir: str, name: str, config: dict) -> str:
   """Writes ``{name}_config.json``; an earlier one that differs is first
   moved to ``config_history/{name}_config.<UTC time>.json``."""
   path = os.path.join(workdir, f"{name}_config.json")
-  if io.is_writer() and os.path.exists(path):
+  if io.is_writer() and io.exists(path):
     try:
-      with open(path) as f:
-        same = json.load(f) == json.loads(json.dumps(config, default=str))
+      same = json.loads(io.read_bytes(path)) == json.loads(
+          json.dumps(config, default=str))
     except ValueError:
       same = False
     if not same:
       stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
       target = os.path.join(workdir, HISTORY, f"{name}_config.{stamp}.json")
       k = 1
-      while os.path.exists(target):  # two runs within one second
+      while io.exists(target):  # two runs within one second
         k += 1
         target = os.path.join(workdir, HISTORY,
                               f"{name}_config.{stamp}-{k}.json")
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(path, target)
+      io.makedirs(os.path.dirname(target))
+      io.move(path, target)
   io.write_json(path, config)
   return path
