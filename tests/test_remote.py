@@ -101,6 +101,25 @@ def test_a_gs_workdir_trains_resumes_and_equals_a_local_one(
   assert len(history) == 1  # the 4-step config, kept
 
 
+def test_an_arvm_trains_into_a_gs_workdir_and_restores(repo_root, tmp_path,
+                                                       remote_ok):
+  from test_provenance import arvm_config, write_tokens
+
+  from mesp_jax.train import arvm as arvm_stage
+  tokens_dir = tmp_path / "tokens"  # inputs stay local (memory-mapped)
+  write_tokens(tokens_dir, seed=0)
+  config = arvm_config(repo_root, tokens_dir)
+  workdir = "gs://test-bucket/runs/arvm"
+  stages.run(config, workdir)
+  stages.run(config, str(tmp_path / "arvm"))
+  remote = arvm_stage.load_arvm(workdir)
+  local = arvm_stage.load_arvm(str(tmp_path / "arvm"))
+  assert remote[3] == local[3] == 2  # the checkpoint step
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b)), remote[1], local[1])
+  assert io.exists(f"{workdir}/arvm_provenance.json")
+
+
 def test_uris_that_cannot_work_are_refused(repo_root, bucket, tmp_path):
   config = smoke_config(repo_root, **KW)
   if stages.remote_problem(RUN):  # as here: google-cloud-storage missing

@@ -35,11 +35,12 @@ STAGES = {
 }
 
 
-# Stages whose workdir may be an object-store URI (gs://...): the training
-# stages, whose outputs (checkpoints, metrics, configs, records, pictures)
-# all go through base.io and Orbax. The others memory-map token shards or
-# write sample sets with local file APIs.
-REMOTE_STAGES = ("blae", "arvm", "train_feature_net")
+# Stages whose workdir may be an object-store URI (gs://...): the two
+# training stages of the method, whose outputs (checkpoints, metrics,
+# configs, records, pictures) all go through base.io and Orbax (tested on a
+# fake bucket). The others memory-map token shards, write sample sets or
+# cache statistics with local file APIs.
+REMOTE_STAGES = ("blae", "arvm")
 # Modules a URI scheme needs besides its fsspec file system (Orbax asks
 # the GCS client whether a bucket has a hierarchical namespace).
 REMOTE_MODULES = {"gs": ("google.cloud.storage",)}
