@@ -105,13 +105,16 @@ def _file_digests(folder: str) -> dict[str, list]:
   return out
 
 
-def seal(manager: ocp.CheckpointManager, steps) -> list[int]:
-  """Waits for pending saves, then writes ``checksums.json`` into the folder
-  of each of ``steps`` that still exists (Orbax may have deleted old ones).
+def seal(manager: ocp.CheckpointManager, steps, wait: bool = True
+         ) -> list[int]:
+  """Waits for pending saves (unless ``wait`` is False: the caller knows
+  they are complete), then writes ``checksums.json`` into the folder of each
+  of ``steps`` that still exists (Orbax may have deleted old ones).
 
   Only process 0 writes. Returns the steps sealed.
   """
-  manager.wait_until_finished()
+  if wait:
+    manager.wait_until_finished()
   sealed = []
   if jax.process_index() != 0:
     return sealed
@@ -159,9 +162,9 @@ class Sealer:
       return
     self.manager.wait_until_finished()  # the saves are complete on disk
 
-    def work():
+    def work():  # no manager call here: the main thread may be saving
       try:
-        seal(self.manager, steps)
+        seal(self.manager, steps, wait=False)
       except BaseException as e:  # noqa: BLE001 - re-raised by _join
         self._error = e
     self._thread = threading.Thread(target=work, name="checkpoint-sealer",

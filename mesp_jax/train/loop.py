@@ -537,7 +537,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task,
     writer.truncate_after(-1)
   else:
     start, state, loader_state = restored
-    iter_peek.set_state(loader_state)
+    try:
+      iter_peek.set_state(loader_state)
+    except ValueError as e:  # another data set or batch size: a user error
+      raise ckpt.CheckpointMismatchError(
+          f"{task.name}: the checkpoint in {ckpt_dir} (step {start}) was "
+          f"written for other data: {e}") from None
     writer.truncate_after(start)
     logging.info("resumed %s from step %d", task.name, start)
     if io.is_writer():
