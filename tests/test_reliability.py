@@ -371,3 +371,13 @@ def test_a_misspelt_stage_is_refused_with_a_suggestion(repo_root, tmp_path):
                      "'arvm'"):
     stages.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_another_batch_size_is_a_mismatch(repo_root, tmp_path,
+                                                        four_steps):
+  workdir = _copy(four_steps, tmp_path)
+  config = smoke_config(repo_root, **dict(KW, batch_size=8))
+  with pytest.raises(ckpt.CheckpointMismatchError,
+                     match="written for other data.*global_batch_size=16"):
+    _run(config, workdir)
+  assert sorted(train_losses(workdir)) == [1, 2, 3, 4, 5]  # nothing trained
