@@ -2,13 +2,16 @@
 
 Times the real jitted, donated, sharded train step of ``mesp_jax.train.loop``
 on random inputs of the config's shape (no data set needed), after a
-warm-up, with ``block_until_ready``. Three modes:
+warm-up, with ``block_until_ready``. Four modes:
 
 * default: the BL-AE configs (``--config``, repeatable), images/s in total
   and per device;
 * ``--compare=conv``: each BL-AE config with ``blae.conv`` = xla and im2col
   (:mod:`mesp_jax.models.conv`) in one process: ms/step, images/s and
   GFLOP/s (FLOPs from the compiled step's ``cost_analysis``);
+* ``--compare=nan_guard``: each BL-AE config's step with
+  ``train.nan_guard`` off and stop, alternating twice: ms/step and the
+  guard's cost;
 * ``--compare=attention``: the ARVM train step with ``attention`` = dense
   and block_local (:mod:`mesp_jax.models.local_attention`) on square latent
   grids (``--grids``) at ``--gamma``: tokens/s, GFLOP/s and the compiled
@@ -56,8 +59,8 @@ def _cost(compiled) -> tuple[float, int]:
 
 
 def _time_step(loss_fn, tx, init_state, batch_np, mesh, steps: int,
-               warmup: int) -> dict:
-  """Compiles and times ``loop.make_train_step(loss_fn, tx)``.
+               warmup: int, nan_guard: str = "off") -> dict:
+  """Compiles and times ``loop.make_train_step(loss_fn, tx, nan_guard=...)``.
 
   Returns ms_per_step, flops (per step), temp_bytes, params and the final
   state's loss.
@@ -65,7 +68,7 @@ def _time_step(loss_fn, tx, init_state, batch_np, mesh, steps: int,
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   shardings = sharding.param_shardings(abstract, mesh)
   state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(0))
-  step = jax.jit(loop.make_train_step(loss_fn, tx),
+  step = jax.jit(loop.make_train_step(loss_fn, tx, nan_guard=nan_guard),
                  in_shardings=(shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)),
@@ -92,8 +95,9 @@ def _time_step(loss_fn, tx, init_state, batch_np, mesh, steps: int,
 # BL-AE.
 # --------------------------------------------------------------------------
 def run(spec: str, steps: int, warmup: int, batch_size: int | None,
-        conv: str | None = None) -> dict:
-  """One BL-AE config's train step; ``conv`` overrides ``blae.conv``."""
+        conv: str | None = None, nan_guard: str = "off") -> dict:
+  """One BL-AE config's train step; ``conv`` overrides ``blae.conv``,
+  ``nan_guard`` is the step's guard (``train.nan_guard``)."""
   config = load_config(spec)
   if config.stage != "blae":
     raise ValueError(f"{spec}: the train benchmark times stage 'blae' configs")
@@ -119,7 +123,7 @@ def run(spec: str, steps: int, warmup: int, batch_size: int | None,
   batch = {"image": rng.uniform(-1, 1, (b, size, size, channels)).astype(
       np.float32)}
   r = _time_step(blae_stage.make_loss_fn(model, config.blae), tx, init_state,
-                 batch, mesh, steps, warmup)
+                 batch, mesh, steps, warmup, nan_guard)
   dt = r["ms_per_step"] / 1e3
   return {"config": spec, "conv": model.conv, "batch": b,
           "devices": jax.device_count(), "params": r["params"],
@@ -153,6 +157,22 @@ def _print_conv(specs, args) -> None:
             f"{r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
             f"{r['loss']:.5f} | {base / r['ms_per_step']:.2f}x |",
             flush=True)
+
+
+def _print_guard(specs, args) -> None:
+  """Each config's step without and with the NaN guard, alternating, so
+  machine drift affects both; the guard's cost is their ratio."""
+  print("| config | round | nan_guard | batch | ms/step | loss | guard cost |")
+  print("|---|---|---|---|---|---|---|")
+  for spec in specs:
+    for round_ in (1, 2):
+      base = None
+      for guard in ("off", "stop"):
+        r = run(spec, args.steps, args.warmup, args.batch, args.conv, guard)
+        base = base or r["ms_per_step"]
+        print(f"| {r['config']} | {round_} | {guard} | {r['batch']} | "
+              f"{r['ms_per_step']:.1f} | {r['loss']:.5f} | "
+              f"{r['ms_per_step'] / base - 1:+.1%} |", flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -239,10 +259,12 @@ def main(argv: list[str]) -> None:
                       help="BL-AE config spec; repeat for several (default: "
                       "the Fashion-MNIST demo and full configs and the "
                       "CIFAR-10 config; with --compare=conv: the demo)")
-  parser.add_argument("--compare", choices=("conv", "attention"),
+  parser.add_argument("--compare", choices=("conv", "attention", "nan_guard"),
                       default=None,
                       help="conv: BL-AE with blae.conv xla vs im2col; "
-                      "attention: ARVM with attention dense vs block_local")
+                      "attention: ARVM with attention dense vs block_local; "
+                      "nan_guard: BL-AE step with train.nan_guard off vs "
+                      "stop")
   parser.add_argument("--conv", choices=("xla", "im2col", "auto"),
                       default=None,
                       help="override blae.conv (default mode only)")
@@ -277,5 +299,7 @@ def main(argv: list[str]) -> None:
     _print_attention(args)
   elif args.compare == "conv":
     _print_conv(args.config or DEFAULT_SPECS[:1], args)
+  elif args.compare == "nan_guard":
+    _print_guard(args.config or DEFAULT_SPECS[:1], args)
   else:
     _print_default(args.config or DEFAULT_SPECS, args)
