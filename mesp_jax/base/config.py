@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import ml_collections
 from absl import flags
 
+from mesp_jax.base import io
 from mesp_jax.base.schema import (
     COUNT,
     SCHEMA,
@@ -452,8 +453,8 @@ def check_workdir(workdir: str) -> str:
   Raises:
     WorkdirError: naming the path and what is in the way.
   """
-  if "://" in str(workdir):  # a URI: folders are prefixes; the stage's
-    return str(workdir)      # file system was checked (stages.check_paths)
+  if io.is_uri(workdir):  # folders are prefixes; the stage's file system
+    return str(workdir)    # was checked (stages.check_paths)
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -31,9 +32,12 @@ def is_writer() -> bool:
 # ---------------------------------------------------------------------------
 # Paths: local or URI.
 # ---------------------------------------------------------------------------
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_uri(path) -> bool:
   """Whether ``path`` is a URI (``scheme://...``) rather than a local path."""
-  return "://" in str(path)
+  return bool(_URI.match(str(path)))
 
 
 def _epath(path):

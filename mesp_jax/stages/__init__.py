@@ -11,13 +11,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import re
 
 import ml_collections
 
+from mesp_jax.base import io
 from mesp_jax.base.config import ConfigError, check_workdir
-
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # config.stage -> module in this package. 'kernel_sample' is the stage
 # 'sample' with the kernel sampler (its earlier name).
@@ -85,7 +83,7 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
   ``gs:`` on each worker).
   """
   stage = config.get("stage")
-  if workdir and _URI.match(workdir):
+  if workdir and io.is_uri(workdir):
     if stage not in REMOTE_STAGES:
       raise ConfigError(
           f"--workdir={workdir!r}: stage {stage!r} writes local files only; "
@@ -98,7 +96,7 @@ def check_paths(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"gs://: pip install 'mesp_jax[gcs]', which brings gcsfs and "
           f"google-cloud-storage), or {_mount_hint(workdir)}.")
   for key, value in (config.get("inputs") or {}).items():
-    if isinstance(value, str) and _URI.match(value):
+    if isinstance(value, str) and io.is_uri(value):
       raise ConfigError(
           f"config.inputs.{key}={value!r}: inputs are read with local file "
           f"APIs (memory-mapped token shards); {_mount_hint(value)}.")

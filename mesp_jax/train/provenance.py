@@ -46,8 +46,8 @@ def absolute_inputs(config: ml_collections.ConfigDict) -> None:
     return
   for key in INPUT_PATHS:
     value = inputs.get(key, "")
-    if value and "://" not in value:
-      inputs[key] = os.path.abspath(value)
+    if value:
+      inputs[key] = io.abspath(value)
 
 
 def config_hash(config: ml_collections.ConfigDict | dict) -> str:
