@@ -46,12 +46,36 @@ def test_schedule_covers_every_token_after_its_window(h, w, tp, gamma):
   assert (step_of[s] < step_of[q]).all()
 
 
+@hypothesis.settings(max_examples=80, deadline=None)
+@hypothesis.given(h=st.integers(1, 9), w=st.integers(1, 9),
+                  tp=st.integers(1, 3),
+                  gamma=st.one_of(st.none(), st.integers(0, 9)))
+def test_ring_holds_every_window_when_it_is_read(h, w, tp, gamma):
+  """Replays the plan's cache writes (numpy): at every step, each query's
+  window (and the start slot) sits in the ring, so the mask rebuilt from the
+  stored slots is the dense gamma mask's row."""
+  model = _model((h, w), tp, group=1, gamma="global" if gamma is None
+                 else gamma)
+  steps = wavefront.plan(model)
+  stored = np.full(wavefront.cache_entries(model) + 1, -1)
+  mask = arvm.gamma_mask(h, w, tp, gamma)  # [T, T] over input slots
+  for query, slot, entry in zip(steps["query"], steps["slot"],
+                                steps["entry"], strict=True):
+    stored[entry] = slot  # the plan writes before the step's queries
+    for q in query[query >= 0]:
+      assert set(np.flatnonzero(mask[q])) <= set(stored[stored >= 0])
+
+
 @pytest.mark.parametrize("grid,bits,overrides", [
     ((5, 4), 4, dict(group=2, gamma=1, num_classes=3)),      # Tp 2, labels
     ((6, 3), 2, dict(group=2, gamma=0)),                     # Tp 1
     ((4, 6), 6, dict(group=3, gamma=2, embed="linear")),     # Tp 2, W > H
     ((3, 5), 4, dict(group=4, gamma=7)),                     # gamma >= W
     ((4, 4), 4, dict(group=2, gamma="global", num_classes=2)),
+    # Taller than a front's rows + gamma' (front_gamma < gamma): the ring
+    # must reach gamma rows up, and every row for global gamma.
+    ((7, 3), 2, dict(group=1, gamma=4)),
+    ((6, 2), 2, dict(group=2, gamma="global")),
 ])
 def test_wavefront_logits_equal_full_forward(grid, bits, overrides):
   model = _model(grid, bits, **overrides)
@@ -98,8 +122,8 @@ def test_cache_and_steps_do_not_grow_like_the_grid():
   sizes = {h: _model((h, 8), 4, gamma=2) for h in (8, 32, 128)}
   entries = {h: wavefront.cache_entries(m) for h, m in sizes.items()}
   assert len(set(entries.values())) == 1, entries
-  # 3 rows of a front + gamma + 1 rows of 8 positions x 2 tokens, + spare.
-  assert entries[8] == (3 + 2 + 1) * 8 * 2 + 1
+  # 3 rows of a front + gamma rows of 8 positions x 2 tokens, + spare.
+  assert entries[8] == (3 + 2) * 8 * 2 + 1
   for h, m in sizes.items():
     assert wavefront.num_steps(m) == 2 * (8 + (h - 1) * 3)
   big = _model((32, 32), 5, group=5, gamma=5)  # the issue's example

@@ -357,7 +357,8 @@ class ARVM(nn.Module):
       query_slots: [m] int32 tokens to predict (-1 = unused lane; its logits
         are meaningless).
       cache: ``{'slots': [L] int32, 'layers': tuple of {'k','v'} [B, h, L,
-        hd]}``.
+        hd]}`` (keys ``'kt'`` [B, h, hd, L] when transposed,
+        :func:`init_cache`).
       labels: [B] labels of the start slot / query stream.
 
     Returns:
@@ -404,24 +405,40 @@ class ARVM(nn.Module):
     return logits[:, 0], cache  # [B, V]
 
 
-def init_cache(model: ARVM, batch: int, entries: int) -> dict[str, Any]:
+def init_cache(model: ARVM, batch: int, entries: int,
+               keys_transposed: bool = False) -> dict[str, Any]:
   """An empty decode cache with ``entries`` token slots (+1 start entry).
+
+  Args:
+    model: the ARVM.
+    batch: rows of the cache (two per sample when guiding).
+    entries: token-slot entries (the start entry is added).
+    keys_transposed: store the keys as ``'kt'`` [batch, heads, d_model //
+      heads, 1 + entries] instead of ``'k'``: several queries per step then
+      take their logits as one plain [m, hd] x [hd, L] product per head,
+      which XLA's CPU backend runs several times faster than the product
+      against [L, hd] keys (docs/benchmarks.md, 'Locality as speed'). The
+      wavefront decoder uses it; the values are always [.., L, hd].
 
   Returns:
     ``{'slots': [1 + entries] int32 (-1 = empty), 'layers': tuple over layers
-    of {'k', 'v'}: [batch, heads, 1 + entries, d_model // heads]}`` in the
-    model's activation dtype; with ``scan_layers`` one such dict whose arrays
-    have a leading ``num_layers`` axis. Either way the batch is axis -4.
+    of {'k' (or 'kt'), 'v'}: [batch, heads, 1 + entries, d_model // heads]}``
+    in the model's activation dtype; with ``scan_layers`` one such dict whose
+    arrays have a leading ``num_layers`` axis. Either way the batch is axis
+    -4.
   """
   length = 1 + entries
   head_dim = model.d_model // model.num_heads
   shape = (batch, model.num_heads, length, head_dim)
+  key_name, key_shape = "k", shape
+  if keys_transposed:
+    key_name, key_shape = "kt", (batch, model.num_heads, head_dim, length)
   if model.scan_layers:
-    shape = (model.num_layers,) + shape
-    layers = {"k": jnp.zeros(shape, model.dtype),
-              "v": jnp.zeros(shape, model.dtype)}
+    stack = (model.num_layers,)
+    layers = {key_name: jnp.zeros(stack + key_shape, model.dtype),
+              "v": jnp.zeros(stack + shape, model.dtype)}
   else:
-    layers = tuple({"k": jnp.zeros(shape, model.dtype),
+    layers = tuple({key_name: jnp.zeros(key_shape, model.dtype),
                     "v": jnp.zeros(shape, model.dtype)}
                    for _ in range(model.num_layers))
   return {"slots": jnp.full((length,), -1, jnp.int32), "layers": layers}
@@ -429,7 +446,7 @@ def init_cache(model: ARVM, batch: int, entries: int) -> dict[str, Any]:
 
 def cache_nbytes(model: ARVM, batch: int, entries: int) -> int:
   """Bytes of :func:`init_cache` ``(model, batch, entries)``: keys, values and
-  slot tags, from the shapes alone."""
+  slot tags, from the shapes alone (the same for either key layout)."""
   shapes = jax.eval_shape(lambda: init_cache(model, batch, entries))
   return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
              for s in jax.tree.leaves(shapes))

@@ -131,12 +131,21 @@ def wavefront_schedule(height: int, width: int, tokens_per_pos: int,
   return out
 
 
-def wavefront_cache_rows(width: int, gamma: int | str | None) -> int:
-  """Grid rows a wavefront decoding cache keeps: ``rows + gamma' + 1``.
+def wavefront_cache_rows(height: int, width: int,
+                         gamma: int | str | None) -> int:
+  """Grid rows a wavefront decoding cache keeps: ``min(H, n + gamma)``.
 
-  The queries of one front span at most :func:`wavefront_rows` rows and see
-  ``gamma'`` rows above them; one spare row holds the previous front's
-  tokens before they are read. Independent of the grid height.
+  The queries of one front span at most ``n =`` :func:`wavefront_rows` rows,
+  from its top row ``a`` down to ``a + n - 1``, and see rows ``a - gamma``
+  and below (every row for global gamma: the whole grid). The tokens written
+  before them (the previous front's) lie in rows ``a - 1`` and below, so in
+  a ring of ``n + gamma`` rows a write replaces a row above ``a - gamma``,
+  which no query of the front needs. The rows above are the true gamma's, not
+  :func:`front_gamma`'s: for ``gamma >= W - 1`` the front is raster order
+  but the window still reaches ``gamma`` rows up. Independent of the grid
+  height for finite gamma.
   """
-  g = front_gamma(width, parse_gamma(gamma))
-  return wavefront_rows(width, gamma) + g + 1
+  gamma = parse_gamma(gamma)
+  if gamma is None:
+    return height
+  return min(height, wavefront_rows(width, gamma) + gamma)

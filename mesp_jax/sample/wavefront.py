@@ -11,10 +11,11 @@ sequential steps instead of ``Tp * H * W`` (32x32, gamma 5: 218 instead of
 seed, up to float round-off deciding a near tie.
 
 The KV cache keeps whole grid rows in a ring: token ``j`` sits at entry
-``1 + j % (R * W * Tp)`` with ``R = rows of a front + gamma + 1``
-(:func:`arvm_geometry.wavefront_cache_rows`), entry 0 is the start slot and
-the last entry takes the writes of unused lanes. ``R`` does not depend on the
-grid height, so neither does the cache.
+``1 + j % (R * W * Tp)`` with ``R = min(H, rows of a front + gamma)``
+(:func:`arvm_geometry.wavefront_cache_rows`; every row for global gamma),
+entry 0 is the start slot and the last entry takes the writes of unused
+lanes. For finite gamma ``R`` does not depend on the grid height, so neither
+does the cache. The keys are stored transposed (:func:`init_cache`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from mesp_jax.sample import logits as logits_lib
 
 
 def ring_entries(model: arvm_lib.ARVM) -> int:
-  """Token entries of the wavefront cache: ``min(H, R) * W * Tp``."""
-  rows = min(model.height,
-             arvm_geometry.wavefront_cache_rows(model.width, model.gamma))
+  """Token entries of the wavefront cache: ``R * W * Tp`` with ``R`` rows
+  (:func:`arvm_geometry.wavefront_cache_rows`)."""
+  rows = arvm_geometry.wavefront_cache_rows(model.height, model.width,
+                                            model.gamma)
   return rows * model.width * model.tokens_per_pos
 
 
@@ -51,6 +53,14 @@ def cache_bytes(model: arvm_lib.ARVM, num_samples: int,
   two rows per sample when guiding."""
   rows = num_samples * (2 if cfg_scale > 0 else 1)
   return arvm_lib.cache_nbytes(model, rows, cache_entries(model))
+
+
+def init_cache(model: arvm_lib.ARVM, rows: int) -> dict[str, Any]:
+  """The empty wavefront cache for ``rows`` batch rows: the row ring plus a
+  spare entry, with the keys stored transposed (several queries a step,
+  :func:`arvm.init_cache`)."""
+  return arvm_lib.init_cache(model, rows, cache_entries(model),
+                             keys_transposed=True)
 
 
 def num_steps(model: arvm_lib.ARVM) -> int:
@@ -98,7 +108,7 @@ def _run(model: arvm_lib.ARVM, params: Any, keys: jax.Array | None,
   row_labels = logits_lib.constrain(
       logits_lib.guidance_labels(model, labels, cfg_scale), mesh)
   rows = batch * (2 if cfg_scale > 0 else 1)
-  state = arvm_lib.init_cache(model, rows, cache_entries(model))
+  state = init_cache(model, rows)
   state = {"slots": state["slots"],
            "layers": logits_lib.constrain_cache(state["layers"], mesh)}
   draw = functools.partial(logits_lib.draw, temperature=temperature,
