@@ -45,6 +45,10 @@ def tiny_bank(repo_root, tmp_path_factory):
   np.savez(token_dir / "tokens_train.npz", tokens=tokens,
            labels=np.zeros(BANK_SIZE, np.int32), bits=np.int32(8),
            blae_workdir=np.asarray(blae_dir))
+  # A small test split, for the neural ARVMs' evaluation (stage lch_study).
+  np.savez(token_dir / "tokens_test.npz", tokens=tokens[:16],
+           labels=np.zeros(16, np.int32), bits=np.int32(8),
+           blae_workdir=np.asarray(blae_dir))
   return {"root": root, "tokens_dir": str(token_dir), "blae_dir": blae_dir,
           "tokens": tokens}
 
@@ -169,3 +173,69 @@ def test_low_rank_frechet_distance_equals_the_reference(num):
   # The D x D reference takes square roots of the round-off (~1e-13) left in
   # its D - S + 1 zero eigenvalues, which moves it by ~1e-6.
   assert got == pytest.approx(want, rel=1e-7)
+
+
+def test_non_pixel_copies_are_scored_apart(repo_root, tiny_bank, tmp_path):
+  """The authors' protocol in the sweep: the distance of the samples that
+  are not pixel copies equals the distance of that subset computed alone."""
+  config = smoke_config(repo_root, tiny_bank["tokens_dir"], sigma_s=0.2)
+  config.sweep.gammas = "global"
+  workdir = str(tmp_path / "sweep")
+  out = stages.run(config, workdir)
+  (row,) = out["results"]
+  with np.load(os.path.join(workdir, "kernel_gamma_global",
+                            "samples.npz")) as f:
+    images, psnr = f["images"], f["psnr"]
+  keep = psnr < config.sweep.threshold_db
+  assert row["num_non_pixel_copies"] == int(keep.sum())
+  assert row["num_non_copies"] <= row["num_non_pixel_copies"]
+  reference = gs.read_images(
+      blae_stage.load_blae(tiny_bank["blae_dir"])[2].data, "test",
+      config.sweep.reference_examples)
+  space = gs.make_distance(reference, "test", "", "fashion_mnist", "")
+  want = space.distance(images[keep]) if keep.sum() >= 2 else None
+  assert row["fd_pixels_non_pixel_copies"] == pytest.approx(want)
+  assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
+
+
+def test_lch_study_smoke(repo_root, tiny_bank, tmp_path):
+  """One neural ARVM per gamma with the same budget, the kernel at two
+  noises and the neural ARVMs once, in one table and figure; a rerun only
+  restores the ARVMs."""
+  config = load_config(os.path.join(repo_root,
+                                    "configs/lch_fashion_mnist.py:smoke"))
+  config.sweep.inputs.tokens_dir = tiny_bank["tokens_dir"]
+  workdir = str(tmp_path / "lch")
+  out = stages.run(config, workdir)
+  got = sorted((r["series"], r["gamma"]) for r in out["rows"])
+  assert got == sorted(
+      [(f"kernel, sigma_s={s}", g) for s in ("0.3", "0.5")
+       for g in ("1", "global")] + [("neural", "1"), ("neural", "global")])
+  steps = int(config.arvm.train.num_steps)
+  for row in out["rows"]:
+    assert 0.0 <= row["copy_rate_recon"] <= 1.0
+    if row["series"] != "neural":
+      continue
+    arvm_dir = os.path.join(workdir, f"arvm_gamma_{row['gamma']}")
+    with open(os.path.join(arvm_dir, "arvm_config.json")) as f:
+      assert str(json.load(f)["arvm"]["gamma"]) == row["gamma"]
+    evals = _evals(arvm_dir)
+    assert evals[-1]["step"] == steps  # the same budget for every gamma
+    assert row["bits_per_token"] == pytest.approx(evals[-1]["bits_per_token"])
+  with open(os.path.join(workdir, "lch.md")) as f:
+    table = f.read().splitlines()
+  assert len(table) == 2 + len(out["rows"])
+  with Image.open(os.path.join(workdir, "lch.png")) as im:
+    assert im.size[0] > 600
+  before = _evals(os.path.join(workdir, "arvm_gamma_1"))
+  again = stages.run(config, workdir)
+  assert _evals(os.path.join(workdir, "arvm_gamma_1"))[-1] == before[-1]
+  assert ([r.get("bits_per_token") for r in again["rows"]] ==
+          [r.get("bits_per_token") for r in out["rows"]])
+
+
+def _evals(workdir: str) -> list[dict]:
+  """The evaluation rows of a training workdir's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if r.get("split") == "eval"]

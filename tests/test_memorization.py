@@ -119,3 +119,25 @@ def test_memorization_report_counts_planted_copies():
   want = np.rint((samples[0, ..., 0] + 1) * 127.5).astype(np.uint8)
   np.testing.assert_array_equal(grid[1:7, 1:7, 0], want)  # the sample
   np.testing.assert_array_equal(grid[1:7, 15:21], 0)  # |difference| of a copy
+
+
+def test_non_copy_filter_matches_brute_force_psnr():
+  """The authors' protocol keeps the samples whose nearest training image
+  lies below 25 dB; brute force: every pair's PSNR in numpy (float64)."""
+  rng = np.random.default_rng(7)
+  train = rng.uniform(-1, 1, (40, 6, 6, 1)).astype(np.float32)
+  samples = rng.uniform(-1, 1, (12, 6, 6, 1)).astype(np.float32)
+  # Near copies at noise levels whose PSNR straddles 25 dB (20 log10(2 /
+  # noise): inf, 40, 30.5, 26, 23.7 and 20 dB).
+  for i, noise in enumerate([0.0, 0.02, 0.06, 0.1, 0.13, 0.2]):
+    samples[i] = np.clip(train[3 * i] + noise * rng.normal(size=(6, 6, 1)),
+                         -1, 1)
+  report = mem.memorization_report(samples, train)
+  keep = mem.non_copies(report["psnr"], 25.0)
+  a = (samples.astype(np.float64) + 1) * 127.5
+  b = (train.astype(np.float64) + 1) * 127.5
+  mse = ((a[:, None] - b[None]) ** 2).mean(axis=(2, 3, 4))  # [S, N]
+  with np.errstate(divide="ignore"):
+    best = 10 * np.log10(255.0**2 / mse.min(axis=1))
+  np.testing.assert_array_equal(keep, best < 25.0)
+  assert 3 <= (~keep).sum() <= 5 and keep.sum() >= 7

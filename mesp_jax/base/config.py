@@ -39,6 +39,7 @@ import ml_collections
 from absl import flags
 
 from mesp_jax.base import io
+from mesp_jax.base.gamma import parse_gammas
 from mesp_jax.base.schema import (
     COUNT,
     SCHEMA,
@@ -205,6 +206,9 @@ def validate(config: ml_collections.ConfigDict, stage: str,
   if stage == "pipeline":
     _check_pipeline(config)
     return
+  if stage == "lch_study":
+    _check_lch(config)
+    return
   if stage not in STAGE_SECTIONS:
     raise ConfigError(f"no schema for stage {stage!r}")
   for key in sorted(set(config.keys()) - set(SCHEMA) - set(TOP_LEVEL)):
@@ -321,6 +325,37 @@ def _check_pipeline(config) -> None:
   validate(config.blae, "blae")
   arvm = ml_collections.ConfigDict(config.arvm.to_dict())
   arvm.inputs.tokens_dir = arvm.inputs.tokens_dir or "(set by the pipeline)"
+  validate(arvm, "arvm")
+
+
+def _check_lch(config) -> None:
+  fields = {"stage", "gammas", "sigmas", "arvm", "sweep"}
+  for key in sorted(set(config.keys()) - fields):
+    raise ConfigError(f"config.{key} is not a field of an lch_study config "
+                      f"(fields: {', '.join(sorted(fields))})")
+  for key in ("arvm", "sweep"):
+    if key not in config:
+      raise ConfigError(f"stage 'lch_study' needs the section config.{key}")
+  try:
+    parse_gammas(config.get("gammas", ""))
+  except ValueError as e:
+    raise ConfigError(f"config.gammas: {e}") from None
+  sigmas = str(config.get("sigmas", "")).split(",")
+  try:
+    values = [float(s) for s in sigmas if s.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) <= 0:
+    raise ConfigError(f"config.sigmas={config.get('sigmas')!r} must be "
+                      f"comma-separated kernel noises sigma_s > 0, e.g. "
+                      f"'0.3,0.5,0.7'")
+  # The sub-stages check their own configs when they run; check what does
+  # not depend on upstream outputs now, before the ARVMs train.
+  sweep = ml_collections.ConfigDict(config.sweep.to_dict())
+  sweep.stage = "gamma_sweep"
+  validate(sweep, "gamma_sweep")
+  arvm = ml_collections.ConfigDict(config.arvm.to_dict())
+  arvm.inputs.tokens_dir = sweep.inputs.tokens_dir
   validate(arvm, "arvm")
 
 

@@ -268,6 +268,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         train_examples=(0, COUNT, "0: the whole bank"),
         reference_split=("test", text, ""),
         reference_examples=(0, COUNT, "0: the whole split"),
+        pr_examples=(2000, COUNT, "reference images of precision / recall "
+                     "(the first ones; 0: none)"),
         arvm_workdirs=("", text, "'gamma=workdir,...' neural ARVMs"),
         neural=(None, lambda v: None, "see section sweep.neural"),
         grid_samples=(64, POSITIVE, ""), triplet_rows=(16, POSITIVE, ""),

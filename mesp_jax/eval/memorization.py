@@ -244,6 +244,14 @@ def copy_rate(psnr_values: np.ndarray, threshold: float = 25.0) -> float:
   return float(np.mean(values >= threshold)) if values.size else 0.0
 
 
+def non_copies(psnr_values: np.ndarray, threshold: float = 25.0
+               ) -> np.ndarray:
+  """The authors' protocol: [S] True for the samples to keep, those whose
+  nearest training image lies below ``threshold`` dB (not copies). Their
+  quality is then scored without the copies, with the count reported."""
+  return np.asarray(psnr_values) < threshold
+
+
 def latent_copy_rate(hamming: np.ndarray, total_bits: int,
                      threshold: float = 0.01) -> float:
   """Share of samples within ``threshold * total_bits`` bits of a latent."""
@@ -344,9 +352,12 @@ def evaluate_samples(images: np.ndarray, tokens: np.ndarray, *,
 
   Runs :func:`memorization_report` (pixels, reconstructions, latents) and
   summarises it: the three copy rates, the share of exact latent copies, the
-  PSNR and Hamming-fraction quantiles, and ``distance`` of all samples and of
-  the non-copies (samples that are neither a pixel nor a reconstruction
-  copy).
+  PSNR and Hamming-fraction quantiles, and ``distance`` of all samples, of
+  the authors' non-copies (:func:`non_copies`: no training image within
+  ``threshold_db``; the ``_non_pixel_copies`` keys) and of the stricter
+  non-copies (neither a pixel nor a reconstruction copy; ``_non_copies``).
+  With a ``precision_recall(images)`` method on ``distance``, the precision
+  and recall of all samples too.
 
   Args:
     images: [S, H, W, C] decoded samples in [-1, 1].
@@ -368,8 +379,8 @@ def evaluate_samples(images: np.ndarray, tokens: np.ndarray, *,
       images, train_images, train_recons=train_recons, sample_tokens=tokens,
       bank_tokens=bank_tokens, group=group, threshold_db=threshold_db,
       latent_threshold=latent_threshold, chunk_size=chunk_size, mesh=mesh)
-  is_recon_copy = report["psnr_recon"] >= threshold_db
-  keep = ~(report["is_copy"] | is_recon_copy)
+  authors = non_copies(report["psnr"], threshold_db)
+  keep = authors & non_copies(report["psnr_recon"], threshold_db)
   exact = np.mean(report["hamming"] == 0)
   summary = {
       "num_samples": int(images.shape[0]),
@@ -382,9 +393,13 @@ def evaluate_samples(images: np.ndarray, tokens: np.ndarray, *,
       "hamming_fraction_quantiles": psnr_quantiles(
           report["hamming_fraction"]),
       distance.name: distance.distance(images),
+      f"{distance.name}_non_pixel_copies": distance.distance(images[authors]),
+      "num_non_pixel_copies": int(authors.sum()),
       f"{distance.name}_non_copies": distance.distance(images[keep]),
       "num_non_copies": int(keep.sum()),
   }
+  if hasattr(distance, "precision_recall"):
+    summary["precision"], summary["recall"] = distance.precision_recall(images)
   return summary, report
 
 

@@ -48,6 +48,7 @@ from mesp_jax.eval import fid as fid_lib
 from mesp_jax.eval import memorization as mem
 
 PIXEL_DISTANCE = "fd_pixels"
+PR_K = 3  # neighbourhood size of precision and recall (Kynkaanniemi et al.)
 ORDERS = ("raster", "random")
 
 
@@ -128,6 +129,8 @@ class DistanceSpace:
     mu, sigma: [D], [D, D] statistics of the reference split.
     split, num_reference: what the statistics describe.
     note: how to read the number.
+    reference_features: [R, D] features of the first reference images, the
+      real manifold of :meth:`precision_recall` (None: not computed).
   """
   name: str
   features: Callable[[np.ndarray], np.ndarray]
@@ -136,6 +139,7 @@ class DistanceSpace:
   split: str
   num_reference: int
   note: str
+  reference_features: np.ndarray | None = None
 
   def distance(self, images: np.ndarray) -> float | None:
     """Frechet distance of ``images`` [S, ...] (None for fewer than 2)."""
@@ -143,6 +147,16 @@ class DistanceSpace:
       return None
     return fid_lib.frechet_distance_to_samples(self.mu, self.sigma,
                                                self.features(images))
+
+  def precision_recall(self, images: np.ndarray
+                       ) -> tuple[float | None, float | None]:
+    """Improved precision and recall (k = :data:`PR_K`) of ``images``
+    against the reference features in this space; (None, None) when either
+    set has ``PR_K`` points or fewer."""
+    ref = self.reference_features
+    if ref is None or min(len(ref), images.shape[0]) <= PR_K:
+      return None, None
+    return fid_lib.precision_recall(ref, self.features(images), k=PR_K)
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -152,19 +166,24 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 
 def make_distance(reference: np.ndarray, split: str, feature_net_workdir: str,
-                  dataset: str, cache_dir: str) -> DistanceSpace:
+                  dataset: str, cache_dir: str,
+                  pr_examples: int = 2000) -> DistanceSpace:
   """Pixel space, or the feature net of ``feature_net_workdir`` if given.
 
   Classifier statistics of the reference split are cached in ``cache_dir``
-  under a name that includes the feature net's checkpoint step.
+  under a name that includes the feature net's checkpoint step. The first
+  ``pr_examples`` reference images (0: none) are the real manifold of
+  precision and recall.
   """
+  pr_images = reference[:pr_examples]
   if not feature_net_workdir:
     mu, sigma = fid_lib.feature_stats(pixel_features(reference))
     return DistanceSpace(
         name=PIXEL_DISTANCE, features=pixel_features, mu=mu, sigma=sigma,
         split=split, num_reference=int(reference.shape[0]),
         note=(f"{PIXEL_DISTANCE}: Frechet distance on raw pixels in [-1, 1] "
-              f"against the {split} split; not FID (no feature net given)."))
+              f"against the {split} split; not FID (no feature net given)."),
+        reference_features=pixel_features(pr_images) if pr_examples else None)
   from mesp_jax.models.feature_net import classifier_features, feature_net_name
   from mesp_jax.train.feature_net import load_feature_net
   model, params, fn_config, step = load_feature_net(feature_net_workdir)
@@ -182,6 +201,7 @@ def make_distance(reference: np.ndarray, split: str, feature_net_workdir: str,
   return DistanceSpace(
       name=name, features=features, mu=stats.mu, sigma=stats.sigma,
       split=split, num_reference=int(reference.shape[0]),
+      reference_features=features(pr_images) if pr_examples else None,
       note=(f"{name}: Frechet distance in the features of the project's own "
             f"{dataset} classifier ({os.path.abspath(feature_net_workdir)}, "
             f"step {step}) against the {split} split; not FID."))

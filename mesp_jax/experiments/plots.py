@@ -2,6 +2,8 @@
 
 * :func:`plot_sweep`: copy rates and the Frechet distance against the
   observation range gamma (stage ``gamma_sweep``);
+* :func:`plot_lch`: the same for several series, kernel and neural ARVMs
+  (stage ``lch_study``);
 * :func:`plot_mesp_study`: mean pair loss and bound against the mean
   posterior overlap (stage ``mesp_study``);
 * :func:`plot_blae_curve`: a BL-AE run's binarisation curve from its
@@ -81,6 +83,51 @@ def plot_sweep(results: Sequence[dict], distance_name: str,
   ax_c.legend(fontsize=7, loc="center left")
   ax_d.set_ylabel(distance_name)
   ax_d.legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def plot_lch(rows: Sequence[dict], distance_name: str, reference: dict,
+             title: str) -> bytes:
+  """PNG bytes of stage ``lch_study``: three panels against gamma, one line
+  per series (the kernel ARVM at each sigma_s, the neural ARVM): the copy
+  rate against BL-AE reconstructions, the latent copy rate and the
+  distance of all samples (the same-size references dashed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  labels = list(dict.fromkeys(r["gamma"] for r in rows))
+  pos = gamma_positions(labels)
+  ticks = sorted(pos, key=pos.get)
+  panels = (("copy_rate_recon", "copy rate vs BL-AE reconstructions"),
+            ("copy_rate_latent", "latent copy rate (<= 1 % bits)"),
+            (distance_name, f"{distance_name} of all samples"))
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+  for n, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+    mine = sorted((r for r in rows if r["series"] == series),
+                  key=lambda r: pos[r["gamma"]])
+    neural = series == "neural"
+    for ax, (key, _) in zip(axes, panels, strict=True):
+      ax.plot([pos[r["gamma"]] for r in mine], [r[key] for r in mine],
+              "--" if neural else "-", marker="s" if neural else "o",
+              color="k" if neural else f"C{n}", label=series)
+  for key, style in (("train_images", ":"), ("train_recons", "-.")):
+    if reference.get(key) is not None:
+      axes[2].axhline(reference[key], color="grey", linestyle=style,
+                      label=f"{key.replace('_', ' ')} (same size)")
+  for ax, (key, name) in zip(axes, panels, strict=True):
+    ax.set_xticks([pos[t] for t in ticks], ticks)
+    ax.set_xlabel("observation range gamma")
+    ax.set_title(name, fontsize=9)
+    ax.grid(alpha=0.3)
+    if key != distance_name:
+      ax.set_ylim(-0.03, 1.03)
+  axes[2].legend(fontsize=7)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   buf = _io.BytesIO()

@@ -26,6 +26,7 @@ STAGES = {
     "sample": "sample",
     "kernel_sample": "sample",
     "gamma_sweep": "gamma_sweep",
+    "lch_study": "lch_study",
     "train_feature_net": "train_feature_net",
     "evaluate": "evaluate",
     "mesp_study": "mesp_study",

@@ -118,7 +118,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   reference = sweep.read_images(data_cfg, ref_split, int(scfg.reference_examples))
   distance = sweep.make_distance(reference, ref_split,
                                  config.inputs.feature_net_workdir,
-                                 data_cfg.name, cache_dir)
+                                 data_cfg.name, cache_dir,
+                                 pr_examples=int(scfg.pr_examples))
   num = int(smp.num_samples)
   pick = np.random.default_rng(int(smp.seed)).choice(
       num_bank, size=min(num, num_bank), replace=False)
