@@ -33,6 +33,17 @@ PLOT_RATES = (("copy_rate_latent", "latent (<= 1 % bits)"),
 # ---------------------------------------------------------------------------
 
 
+def _png(fig, title: str) -> bytes:
+  """PNG bytes of a finished figure (suptitle ``title``); closes it."""
+  import matplotlib.pyplot as plt
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  buf = _io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  return buf.getvalue()
+
+
 def gamma_positions(labels: Sequence[str]) -> dict[str, float]:
   """x position of each gamma label: its value; 'global' after the largest."""
   finite = sorted(int(x) for x in labels if x != GLOBAL)
@@ -83,12 +94,7 @@ def plot_sweep(results: Sequence[dict], distance_name: str,
   ax_c.legend(fontsize=7, loc="center left")
   ax_d.set_ylabel(distance_name)
   ax_d.legend(fontsize=7)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  return buf.getvalue()
+  return _png(fig, title)
 
 
 def plot_lch(rows: Sequence[dict], distance_name: str, reference: dict,
@@ -128,12 +134,7 @@ def plot_lch(rows: Sequence[dict], distance_name: str, reference: dict,
     if key != distance_name:
       ax.set_ylim(-0.03, 1.03)
   axes[2].legend(fontsize=7)
-  fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  buf = _io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  return buf.getvalue()
+  return _png(fig, title)
 
 
 # ---------------------------------------------------------------------------
