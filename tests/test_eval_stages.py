@@ -276,3 +276,53 @@ def test_mesp_study_config_errors_name_the_field(repo_root, field, value,
   config.vae.kl_weights = ()
   with pytest.raises(ValueError, match="no VAE to train"):
     config_lib.validate(config, "mesp_study")
+
+
+def test_score_is_one_reproducible_command(repo_root, tmp_path,
+                                           feature_net_dir):
+  """Stage score: N samples of a sampler with a fixed seed, scored, and
+  eval.json records what reproduces the number; a second run in another
+  workdir gives the same samples and the same scores."""
+  import hashlib
+
+  blae_cfg = _config(repo_root, "blae_fashion_mnist.py:smoke")
+  blae_cfg.train.update(num_steps=2, checkpoint_every=2, eval_every=2,
+                        log_every=2)
+  blae_dir = str(tmp_path / "blae")
+  stages.run(blae_cfg, blae_dir)
+  tokens_dir = tmp_path / "tokens"
+  tokens_dir.mkdir()
+  bank = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1))
+  np.savez(tokens_dir / "tokens_train.npz", tokens=bank.astype(np.int32),
+           labels=np.zeros(64, np.int32), bits=np.int32(8),
+           blae_workdir=np.asarray(blae_dir))
+  config = _config(repo_root, "score_fashion_mnist.py:smoke")
+  config.inputs.update(tokens_dir=str(tokens_dir),
+                       feature_net_workdir=feature_net_dir[0])
+  runs = [stages.run(config, str(tmp_path / name)) for name in ("a", "b")]
+
+  with open(tmp_path / "a" / "eval.json") as f:
+    saved = json.load(f)
+  protocol = saved["protocol"]
+  assert protocol["num_samples"] == 32
+  assert protocol["sampler"]["kind"] == "kernel"
+  assert protocol["sampler"]["seed"] == 0
+  assert protocol["inception_weights"] is None and saved["fid"] is None
+
+  def sha256(path):
+    with open(path, "rb") as f:
+      return hashlib.sha256(f.read()).hexdigest()
+
+  samples = tmp_path / "a" / "samples" / "samples.npz"
+  assert protocol["samples"]["sha256"] == sha256(samples)
+  refs = protocol["reference_statistics"]
+  assert refs and all(r["sha256"] == sha256(r["path"]) for r in refs)
+  assert protocol["feature_net"]["step"] is not None
+  assert saved[FD_NAME] == pytest.approx(runs[0][FD_NAME])
+  # Same seed, same samples, same numbers.
+  with np.load(samples) as a, np.load(tmp_path / "b" / "samples" /
+                                      "samples.npz") as b:
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert runs[1][FD_NAME] == runs[0][FD_NAME]
+  assert (runs[1]["protocol"]["samples"]["sha256"] ==
+          protocol["samples"]["sha256"])

@@ -294,6 +294,17 @@ def _rules_evaluate(config, **_):
         "workdir")
 
 
+def _rules_score(config, **_):
+  _rules_sample(config, sampler_kind=config.sampler.kind)
+  _need(config, "inputs.feature_net_workdir",
+        "train the classifier first (stage 'train_feature_net', e.g. "
+        "configs/feature_net_fashion_mnist.py) and point this field at its "
+        "workdir")
+  if config.sampler.num_samples < 2:
+    raise ConfigError("config.sampler.num_samples must be >= 2 (a Frechet "
+                      "distance needs two samples)")
+
+
 def _rules_mesp(config, **_):
   s, v = config.study, config.vae
   if s.num_nn_pairs + s.num_random_pairs == 0:
@@ -362,7 +373,8 @@ def _check_lch(config) -> None:
 _RULES = {"blae": _rules_blae, "arvm": _rules_arvm, "sample": _rules_sample,
           "gamma_sweep": _rules_sweep,
           "train_feature_net": _rules_feature_net,
-          "evaluate": _rules_evaluate, "mesp_study": _rules_mesp}
+          "evaluate": _rules_evaluate, "score": _rules_score,
+          "mesp_study": _rules_mesp}
 
 
 # --------------------------------------------------------------------------

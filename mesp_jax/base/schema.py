@@ -330,6 +330,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "gamma_sweep": ("mesh", "inputs", "tokens", "kernel", "sampler", "sweep"),
     "train_feature_net": ("mesh", "data", "feature_net", "train"),
     "evaluate": ("mesh", "inputs", "evaluate"),
+    "score": ("mesh", "inputs", "sampler", "evaluate"),
     "mesp_study": ("mesh", "data", "model", "vae", "sigma_sweep", "train",
                    "study"),
 }

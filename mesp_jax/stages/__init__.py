@@ -29,6 +29,7 @@ STAGES = {
     "lch_study": "lch_study",
     "train_feature_net": "train_feature_net",
     "evaluate": "evaluate",
+    "score": "score",
     "mesp_study": "mesp_study",
     "pipeline": "pipeline",
 }
