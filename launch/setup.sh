@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import mesp_jax, grain, pytest, hypothesis, importlinter" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.util as u, mesp_jax, grain, pytest, hypothesis, importlinter; assert u.find_spec('mlxtend')" 2>/dev/null; then
   echo "[setup] pip install -e .[test]"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[test]"
