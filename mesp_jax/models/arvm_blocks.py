@@ -139,8 +139,9 @@ class Attention(nn.Module):
     logits = logits.astype(jnp.float32) / math.sqrt(head_dim)  # [B, h, S, L]
     logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    # [B, h, S, hd], then [B, S, h, hd]: a product straight into "bshd" runs
-    # as a slow strided loop on XLA's CPU backend (3x to 9x, measured).
+    # [B, h, S, hd], then [B, S, h, hd]: with several queries, a product
+    # straight into "bshd" runs as a slow strided loop on XLA's CPU backend
+    # (9x slower at 6 queries, measured; the same for one).
     out = jnp.swapaxes(jnp.matmul(weights, v.astype(self.dtype)), 1, 2)
     return out_proj(constrain(out, _HEADS)), new_cache  # [B, S, D]
 

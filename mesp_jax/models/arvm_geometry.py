@@ -135,12 +135,12 @@ def wavefront_cache_rows(height: int, width: int,
                          gamma: int | str | None) -> int:
   """Grid rows a wavefront decoding cache keeps: ``min(H, n + gamma)``.
 
-  The queries of one front span at most ``n =`` :func:`wavefront_rows` rows,
-  from its top row ``a`` down to ``a + n - 1``, and see rows ``a - gamma``
-  and below (every row for global gamma: the whole grid). The tokens written
-  before them (the previous front's) lie in rows ``a - 1`` and below, so in
-  a ring of ``n + gamma`` rows a write replaces a row above ``a - gamma``,
-  which no query of the front needs. The rows above are the true gamma's, not
+  The queries of one front lie in at most ``n =`` :func:`wavefront_rows`
+  rows, ``a .. a + n - 1``, and read rows ``a - gamma .. a + n - 1`` (every
+  row for global gamma). The tokens written before them (the previous
+  front's) lie in rows ``a - 1 .. a + n - 1``, so in a ring of ``n + gamma``
+  rows writing row ``r`` replaces row ``r - n - gamma <= a - 1 - gamma``,
+  which no query of the front reads. The reach up is the true gamma's, not
   :func:`front_gamma`'s: for ``gamma >= W - 1`` the front is raster order
   but the window still reaches ``gamma`` rows up. Independent of the grid
   height for finite gamma.
