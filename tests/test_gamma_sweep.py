@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from mesp_jax import stages
+from mesp_jax.base import config as config_lib
 from mesp_jax.base import io
 from mesp_jax.base.config import load_config
 from mesp_jax.base.gamma import parse_gammas
@@ -239,3 +240,24 @@ def _evals(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return [r for r in rows if r.get("split") == "eval"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("sweep.inputs.tokens_dir", "", "config.sweep.inputs.tokens_dir"),
+    ("sigmas", "0.3,-1", "config.sigmas"),
+    ("gammas", "1,wide", "config.gammas"),
+    ("arvm.train.num_steps", 0, "config.train.num_steps"),
+])
+def test_lch_study_config_errors_name_the_field(repo_root, field, value,
+                                                message, tmp_path):
+  config = load_config(os.path.join(repo_root,
+                                    "configs/lch_fashion_mnist.py:smoke"))
+  config.sweep.inputs.tokens_dir = str(tmp_path)
+  node = config
+  *path, last = field.split(".")
+  for part in path:
+    node = node[part]
+  node[last] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+    stages.run(config, str(tmp_path / "lch"))
+  assert not os.path.exists(tmp_path / "lch" / "arvm_gamma_1")

@@ -360,6 +360,12 @@ def _check_lch(config) -> None:
     raise ConfigError(f"config.sigmas={config.get('sigmas')!r} must be "
                       f"comma-separated kernel noises sigma_s > 0, e.g. "
                       f"'0.3,0.5,0.7'")
+  if not config.sweep.get("inputs", {}).get("tokens_dir"):
+    raise ConfigError(
+        "config.sweep.inputs.tokens_dir is empty: give the 'blae_encode' "
+        "workdir whose tokens both ARVMs model (the kernel's bank and the "
+        "neural ARVMs' training set), e.g. --config.sweep.inputs.tokens_dir="
+        "runs/blae_full_tokens")
   # The sub-stages check their own configs when they run; check what does
   # not depend on upstream outputs now, before the ARVMs train.
   sweep = ml_collections.ConfigDict(config.sweep.to_dict())
