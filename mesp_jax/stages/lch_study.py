@@ -108,7 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         row.update(series=f"kernel, sigma_s={sigma_s:g}", sigma_s=sigma_s)
       else:
         row.update(series="neural", bits_per_token=bits[row["gamma"]],
-                   train_seconds=train_s[row["gamma"]])
+                   arvm_stage_seconds=train_s[row["gamma"]])
       rows.append(row)
 
   distance = sweeps[0]["distance"]["name"]
