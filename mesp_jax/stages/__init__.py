@@ -115,6 +115,16 @@ def check_stage(config: ml_collections.ConfigDict) -> None:
                       f"{', '.join(sorted(STAGES))})")
 
 
+def with_stage(config: ml_collections.ConfigDict, stage: str, **inputs
+               ) -> ml_collections.ConfigDict:
+  """A copy of ``config`` for ``stage`` with ``inputs.*`` set: how a stage
+  that runs other stages (pipeline, lch_study, score) hands them a config."""
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.stage = stage
+  sub.inputs.update(inputs)
+  return sub
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
   """Runs the stage named by ``config.stage`` in ``workdir``."""
   check_stage(config)

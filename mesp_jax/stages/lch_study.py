@@ -41,13 +41,12 @@ def _sigmas(config: ml_collections.ConfigDict) -> list[float]:
 def arvm_config(config: ml_collections.ConfigDict, gamma) -> (
     ml_collections.ConfigDict):
   """``config.arvm`` for one gamma, on the sweep's tokens."""
-  sub = ml_collections.ConfigDict(config.arvm.to_dict())
-  sub.stage = "arvm"
+  sub = stages.with_stage(config.arvm, "arvm",
+                          tokens_dir=config.sweep.inputs.tokens_dir)
   # A section again, so that gamma may change type (int or 'global').
   value = gamma_label(gamma) if gamma is None else gamma
   sub.arvm = config_lib.section("arvm",
                                 **dict(sub.arvm.to_dict(), gamma=value))
-  sub.inputs.tokens_dir = config.sweep.inputs.tokens_dir
   return sub
 
 
@@ -55,8 +54,7 @@ def sweep_config(config: ml_collections.ConfigDict, sigma_s: float,
                  arvm_workdirs: str, cache_dir: str
                  ) -> ml_collections.ConfigDict:
   """``config.sweep`` at one kernel noise, with the neural ARVMs listed."""
-  sub = ml_collections.ConfigDict(config.sweep.to_dict())
-  sub.stage = "gamma_sweep"
+  sub = stages.with_stage(config.sweep, "gamma_sweep")
   sub.kernel.sigma_s = float(sigma_s)
   sub.sweep.gammas = config.gammas
   sub.sweep.arvm_workdirs = arvm_workdirs

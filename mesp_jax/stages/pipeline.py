@@ -51,15 +51,6 @@ def _last(records: list[dict], split: str) -> dict:
   return rows[-1] if rows else {}
 
 
-def _with(config: ml_collections.ConfigDict, stage: str, **inputs
-          ) -> ml_collections.ConfigDict:
-  """A copy of a sub-config for ``stage`` with ``inputs.*`` set."""
-  sub = ml_collections.ConfigDict(config.to_dict())
-  sub.stage = stage
-  sub.inputs.update(inputs)
-  return sub
-
-
 def check_meshes(config: ml_collections.ConfigDict) -> None:
   """The device checks of the later stages, now rather than after the
   BL-AE has trained: each training batch, eval batch and the sampler's
@@ -89,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           for k in ("blae", "tokens", "arvm", "samples")}
 
   blae_cfg = config.blae
-  stages.run(_with(blae_cfg, "blae"), dirs["blae"])
+  stages.run(stages.with_stage(blae_cfg, "blae"), dirs["blae"])
   timings["blae_s"] = time.time() - t0
 
   t = time.time()
@@ -97,20 +88,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             blae_cfg.data.get("eval_split", "test"))
   if not _tokens_current(dirs["tokens"], int(blae_cfg.train.num_steps),
                          splits) or config.get("reencode", False):
-    enc_cfg = _with(blae_cfg, "blae_encode", blae_workdir=dirs["blae"])
+    enc_cfg = stages.with_stage(blae_cfg, "blae_encode", blae_workdir=dirs["blae"])
     enc_cfg.encode.splits = splits
     stages.run(enc_cfg, dirs["tokens"])
   timings["encode_s"] = time.time() - t
 
   t = time.time()
-  arvm_cfg = _with(config.arvm, "arvm", tokens_dir=dirs["tokens"],
+  arvm_cfg = stages.with_stage(config.arvm, "arvm", tokens_dir=dirs["tokens"],
                    blae_workdir=dirs["blae"])
   arvm_cfg.tokens.update(train_split=splits[0], eval_split=splits[1])
   stages.run(arvm_cfg, dirs["arvm"])
   timings["arvm_s"] = time.time() - t
 
   t = time.time()
-  sample_cfg = _with(arvm_cfg, "sample", arvm_workdir=dirs["arvm"])
+  sample_cfg = stages.with_stage(arvm_cfg, "sample", arvm_workdir=dirs["arvm"])
   sample_cfg.sampler.kind = "neural"
   samples = stages.run(sample_cfg, dirs["samples"])
   timings["sample_s"] = time.time() - t

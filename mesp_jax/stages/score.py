@@ -37,14 +37,6 @@ PROTOCOL_KEYS = ("num_samples", "seed", "batch_size", "temperature", "top_k",
                  "top_p", "cfg_scale", "order")
 
 
-def _sub(config: ml_collections.ConfigDict, stage: str, **inputs
-         ) -> ml_collections.ConfigDict:
-  sub = ml_collections.ConfigDict(config.to_dict())
-  sub.stage = stage
-  sub.inputs.update(inputs)
-  return sub
-
-
 def reference_files(feature_net_workdir: str,
                     inception_cache_dir: str = "") -> list[dict]:
   """``{path, sha256}`` of the cached reference statistics a score used:
@@ -63,11 +55,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   sample_dir = os.path.join(workdir, "samples")
-  stages.run(_sub(config, "sample"), sample_dir)
+  stages.run(stages.with_stage(config, "sample"), sample_dir)
   samples = os.path.join(sample_dir, "samples.npz")
   if not os.path.exists(samples):  # several processes: shards + manifest
     samples = os.path.join(sample_dir, "samples_manifest.json")
-  result = stages.run(_sub(config, "evaluate", samples=samples),
+  result = stages.run(stages.with_stage(config, "evaluate", samples=samples),
                       os.path.join(workdir, "evaluate"))
 
   ecfg, smp = config.evaluate, config.sampler
