@@ -54,7 +54,7 @@ def get_config(variant: str = ""):
     config.sampler.update(num_samples=16, batch_size=16)
     config.sweep.update(gammas="0,global", reference_examples=256,
                         grid_samples=16, triplet_rows=4, decode_batch_size=64,
-                        nn_chunk_size=256)
+                        nn_chunk_size=256, bits_examples=8)
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
   return config

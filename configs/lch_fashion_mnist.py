@@ -40,9 +40,9 @@ def get_config(variant: str = ""):
   arvm = load_config(os.path.join(HERE, "arvm_fashion_mnist.py"))
   arvm.arvm.update(num_layers=3, d_model=128, num_heads=4, num_classes=0,
                    label_drop=0.0, attention="auto")
-  arvm.train.update(batch_size=64, num_steps=2000, learning_rate=1e-3,
-                    warmup_steps=100, eval_every=1000,
-                    checkpoint_every=1000)
+  arvm.train.update(batch_size=64, num_steps=1000, learning_rate=1e-3,
+                    warmup_steps=100, eval_every=500,
+                    checkpoint_every=500)
   arvm.tokens.eval_examples = 2000
   config.arvm = arvm
   config.sweep = load_config(

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from test_kernel_arvm import reference_histograms
 
 from mesp_jax import stages
 from mesp_jax.base import config as config_lib
@@ -21,6 +22,7 @@ from mesp_jax.eval import fid as fid_lib
 from mesp_jax.experiments import gamma_sweep as gs
 from mesp_jax.experiments import plots
 from mesp_jax.models.blae import decode_tokens
+from mesp_jax.sample import kernel as kernel_lib
 from mesp_jax.train import blae as blae_stage
 
 BANK_SIZE = 96
@@ -199,6 +201,30 @@ def test_non_pixel_copies_are_scored_apart(repo_root, tiny_bank, tmp_path):
   assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
 
 
+@pytest.mark.parametrize("gamma,sigma_s", [(1, 0.6), ("global", 0.3)])
+def test_kernel_bits_per_token_matches_the_formula(gamma, sigma_s):
+  """Held-out bits per token against -log2 of the literal float64 kernel
+  estimator at the true tokens; 5 latents in batches of 2 (a padded last
+  batch)."""
+  rng = np.random.default_rng(3)
+  group, grid = 3, (3, 4, 2)
+  bank = rng.integers(0, 2**group, (40, *grid))
+  held_out = rng.integers(0, 2**group, (5, *grid))
+  held_out[1] = bank[7]  # a held-out latent that is in the bank
+  kbank = kernel_lib.prepare_bank(bank, group=group, chunk_size=16)
+  got = gs.kernel_bits_per_token(kbank, held_out, sigma_s=sigma_s,
+                                 gamma=gamma, order="raster", rng=None,
+                                 batch_size=2)
+  ref = reference_histograms(bank, held_out, group, sigma_s, gamma,
+                             np.arange(grid[0] * grid[1]))
+  prob = np.take_along_axis(ref, held_out[..., None], axis=-1)
+  assert got == pytest.approx(float(-np.log2(prob).mean()), rel=1e-5)
+  with pytest.raises(ValueError, match="do not match the bank's grid"):
+    gs.kernel_bits_per_token(kbank, held_out[:, :2], sigma_s=sigma_s,
+                             gamma=gamma, order="raster", rng=None,
+                             batch_size=2)
+
+
 def test_lch_study_smoke(repo_root, tiny_bank, tmp_path):
   """One neural ARVM per gamma with the same budget, the kernel at two
   noises and the neural ARVMs once, in one table and figure; a rerun only
@@ -215,7 +241,9 @@ def test_lch_study_smoke(repo_root, tiny_bank, tmp_path):
   steps = int(config.arvm.train.num_steps)
   for row in out["rows"]:
     assert 0.0 <= row["copy_rate_recon"] <= 1.0
-    if row["series"] != "neural":
+    if row["series"] != "neural":  # the kernel's held-out bits per token
+      assert row["bits_examples"] == config.sweep.sweep.bits_examples
+      assert np.isfinite(row["bits_per_token"]) and row["bits_per_token"] > 0
       continue
     arvm_dir = os.path.join(workdir, f"arvm_gamma_{row['gamma']}")
     with open(os.path.join(arvm_dir, "arvm_config.json")) as f:

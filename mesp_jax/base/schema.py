@@ -270,6 +270,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         reference_examples=(0, COUNT, "0: the whole split"),
         pr_examples=(2000, COUNT, "reference images of precision / recall "
                      "(the first ones; 0: none)"),
+        bits_examples=(2000, COUNT, "held-out latents (the first ones of "
+                       "tokens.eval_split) the kernel ARVM's bits per token "
+                       "is measured on; 0: none"),
         arvm_workdirs=("", text, "'gamma=workdir,...' neural ARVMs"),
         neural=(None, lambda v: None, "see section sweep.neural"),
         grid_samples=(64, POSITIVE, ""), triplet_rows=(16, POSITIVE, ""),

@@ -572,7 +572,7 @@ class Bank:
   path: str
 
 
-def load_bank(config, limit: int = 0) -> Bank:
+def load_bank(config, limit: int = 0, split: str | None = None) -> Bank:
   """Reads the tokens of ``tokens.train_split`` at ``kernel.group`` bits.
 
   The split's manifest ``tokens_{split}.json`` is read if present, else a
@@ -582,13 +582,14 @@ def load_bank(config, limit: int = 0) -> Bank:
     config: with ``inputs.{tokens_dir, blae_workdir}``,
       ``tokens.train_split`` and ``kernel.group``.
     limit: keep only the first ``limit`` entries (0 = all).
+    split: another split to read the same way (held-out latents).
   """
   tokens_dir = config.inputs.tokens_dir
   if not tokens_dir:
     raise ConfigError("config.inputs.tokens_dir is empty: point it at the "
                       "folder of a 'blae_encode' run (it holds "
                       "tokens_train.json)")
-  split = config.tokens.get("train_split", "train")
+  split = split or config.tokens.get("train_split", "train")
   path = tokens_path(tokens_dir, split)
   group = int(config.kernel.group)
   bits = read_info(path)["bits"]

@@ -18,6 +18,8 @@ on BL-AE latents it copies training images. The stage that runs the sweep is
   ``fd_{dataset}_classifier``), else on raw pixels (``fd_pixels``); never
   called FID. The low-rank computation is
   :func:`mesp_jax.eval.fid.frechet_distance_to_samples`;
+* :func:`kernel_bits_per_token`: the kernel ARVM's test bits per token,
+  the held-out likelihood that sits beside each neural ARVM's;
 * :func:`write_sample_set`: ``samples.npz``, ``samples.png``,
   ``triplets.png`` (sample | nearest training image | difference) and
   ``triplets_recon.png`` (sample | nearest reconstruction | difference) of
@@ -46,10 +48,63 @@ from mesp_jax.data.sample_set import SampleSet
 from mesp_jax.data.tokens import Bank
 from mesp_jax.eval import fid as fid_lib
 from mesp_jax.eval import memorization as mem
+from mesp_jax.sample import kernel as kernel_lib
 
 PIXEL_DISTANCE = "fd_pixels"
 PR_K = 3  # neighbourhood size of precision and recall (Kynkaanniemi et al.)
 ORDERS = ("raster", "random")
+
+
+# ---------------------------------------------------------------------------
+# Held-out likelihood of the kernel ARVM.
+# ---------------------------------------------------------------------------
+
+
+def kernel_bits_per_token(kbank: kernel_lib.KernelBank, tokens: np.ndarray, *,
+                          sigma_s: float, gamma, order: str, rng,
+                          batch_size: int) -> float:
+  """Mean ``-log2 p(z_t | context)`` of the kernel ARVM on held-out latents.
+
+  Every token of ``tokens`` is scored under the histogram the kernel ARVM
+  (bank ``kbank``) forms from that latent's own earlier tokens in its
+  window (teacher forcing, :func:`mesp_jax.sample.kernel.kernel_histograms`),
+  the quantity a neural ARVM reports as test bits per token. A model that
+  looks up its bank pays for held-out latents: the smaller sigma_s and the
+  larger gamma, the more confidently it predicts the nearest bank entry's
+  token, and the more bits a token that differs costs (up to
+  ``-log2(p_flip^g)``; above g bits per token is worse than uniform).
+
+  Args:
+    kbank: the prepared bank (:func:`mesp_jax.sample.kernel.prepare_bank`).
+    tokens: [S, H, W, Tp] held-out latents, grouped like the bank.
+    sigma_s, gamma, order: the kernel ARVM's settings; ``rng`` (a key) fixes
+      the positions of order='random'.
+    batch_size: latents per compiled call; the last batch is padded with
+      copies of its first latent (one program for every batch).
+
+  Returns:
+    bits per token, a float.
+  """
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 4 or tokens.shape[1:] != tuple(kbank.grid):
+    raise ValueError(f"held-out tokens {tokens.shape} do not match the "
+                     f"bank's grid {kbank.grid}")
+  if not len(tokens):
+    raise ValueError("no held-out tokens to score")
+  total = 0.0
+  for start in range(0, len(tokens), batch_size):
+    part = tokens[start:start + batch_size]
+    num = len(part)
+    if num < batch_size and start:  # a short last batch of several
+      part = np.concatenate(
+          [part, np.repeat(part[:1], batch_size - num, axis=0)])
+    hists = np.asarray(kernel_lib.kernel_histograms(
+        kbank, part, group=kbank.group, sigma_s=sigma_s, gamma=gamma,
+        order=order, rng=rng))[:num]  # [n, H, W, Tp, 2^g]
+    prob = np.take_along_axis(hists, part[:num, ..., None], axis=-1)
+    total += float(-np.log2(np.maximum(
+        prob.astype(np.float64), np.finfo(np.float32).tiny)).sum())
+  return total / tokens.size
 
 
 # ---------------------------------------------------------------------------

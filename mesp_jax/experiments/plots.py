@@ -99,10 +99,11 @@ def plot_sweep(results: Sequence[dict], distance_name: str,
 
 def plot_lch(rows: Sequence[dict], distance_name: str, reference: dict,
              title: str) -> bytes:
-  """PNG bytes of stage ``lch_study``: three panels against gamma, one line
+  """PNG bytes of stage ``lch_study``: four panels against gamma, one line
   per series (the kernel ARVM at each sigma_s, the neural ARVM): the copy
-  rate against BL-AE reconstructions, the latent copy rate and the
-  distance of all samples (the same-size references dashed)."""
+  rate against BL-AE reconstructions, the latent copy rate, the distance of
+  all samples (the same-size references dashed) and the held-out bits per
+  token (rows without it are left out of that panel)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -112,14 +113,16 @@ def plot_lch(rows: Sequence[dict], distance_name: str, reference: dict,
   ticks = sorted(pos, key=pos.get)
   panels = (("copy_rate_recon", "copy rate vs BL-AE reconstructions"),
             ("copy_rate_latent", "latent copy rate (<= 1 % bits)"),
-            (distance_name, f"{distance_name} of all samples"))
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+            (distance_name, f"{distance_name} of all samples"),
+            ("bits_per_token", "held-out bits per token"))
+  fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
   for n, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
     mine = sorted((r for r in rows if r["series"] == series),
                   key=lambda r: pos[r["gamma"]])
     neural = series == "neural"
     for ax, (key, _) in zip(axes, panels, strict=True):
-      ax.plot([pos[r["gamma"]] for r in mine], [r[key] for r in mine],
+      pts = [r for r in mine if r.get(key) is not None]
+      ax.plot([pos[r["gamma"]] for r in pts], [r[key] for r in pts],
               "--" if neural else "-", marker="s" if neural else "o",
               color="k" if neural else f"C{n}", label=series)
   for key, style in (("train_images", ":"), ("train_recons", "-.")):
@@ -131,8 +134,11 @@ def plot_lch(rows: Sequence[dict], distance_name: str, reference: dict,
     ax.set_xlabel("observation range gamma")
     ax.set_title(name, fontsize=9)
     ax.grid(alpha=0.3)
-    if key != distance_name:
+    if key.startswith("copy_rate"):
       ax.set_ylim(-0.03, 1.03)
+  bits = [r["bits_per_token"] for r in rows if r.get("bits_per_token")]
+  if bits and max(bits) > 10 * min(bits):
+    axes[3].set_yscale("log")
   axes[2].legend(fontsize=7)
   return _png(fig, title)
 

@@ -135,6 +135,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Sample and evaluate every (model, gamma).
   kbank = kernel_lib.prepare_bank(bank.tokens, group=bank.group,
                                   chunk_size=int(kcfg.chunk_size), mesh=mesh)
+  held_out = None
+  if int(scfg.bits_examples):
+    held_out = load_bank(config, int(scfg.bits_examples),
+                         split=config.tokens.get("eval_split", "test"))
+    if held_out.tokens.shape[1:] != bank.tokens.shape[1:]:
+      raise ValueError(f"{held_out.path}: grid {held_out.tokens.shape[1:]} "
+                       f"differs from the bank's {bank.tokens.shape[1:]}")
   grid_h, grid_w = bank.tokens.shape[1:3]
   rng = jax.random.key(int(smp.seed))
   runs = [("kernel", g) for g in gammas] + [
@@ -142,16 +149,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = []
   for model_name, gamma in runs:
     label = gamma_label(gamma)
+    row_extra, bits_s = {}, 0.0
     t = time.time()
     if model_name == "kernel":
       sampler = samplers.KernelSampler(
           kbank, sigma_s=float(kcfg.sigma_s), gamma=gamma, order=kcfg.order,
           temperature=float(smp.temperature))
       tokens, _ = samplers.draw(sampler, rng, num, int(smp.batch_size))
+      sample_s = time.time() - t
+      if held_out is not None:
+        t = time.time()
+        row_extra = {"bits_per_token": sweep.kernel_bits_per_token(
+            kbank, held_out.tokens, sigma_s=float(kcfg.sigma_s), gamma=gamma,
+            order=kcfg.order, rng=rng, batch_size=int(smp.batch_size)),
+            "bits_examples": len(held_out.tokens)}
+        bits_s = time.time() - t
     else:
       tokens = neural_tokens(neural_dirs[label], gamma, bank, config, mesh,
                              rng)
-    sample_s = time.time() - t
+      sample_s = time.time() - t
     t = time.time()
     images = decode(tokens)
     decode_s = time.time() - t
@@ -179,9 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            int(scfg.triplet_rows))
     row = {"model": model_name, "gamma": label,
            "covers_whole_grid": covers_grid(gamma, grid_h, grid_w),
-           **summary,
+           **summary, **row_extra,
            "seconds": {"sample": sample_s, "decode": decode_s,
-                       "evaluate": eval_s},
+                       "evaluate": eval_s, "bits_per_token": bits_s},
            "dir": os.path.relpath(out_dir, workdir)}
     if model_name == "neural":
       row["arvm_workdir"] = os.path.abspath(neural_dirs[label])
@@ -192,7 +208,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{summary['copy_rate_recon']:.3f} (recon) "
         f"{summary['copy_rate_latent']:.3f} (latent) | median PSNR "
         f"{summary['psnr_quantiles']['q0.50']:.2f} dB | {distance.name} "
-        f"{fd:.4g} | eval {eval_s:.1f} s")
+        f"{fd:.4g} | eval {eval_s:.1f} s"
+        + (f" | {row_extra['bits_per_token']:.3f} bits/token on "
+           f"{row_extra['bits_examples']} held-out latents ({bits_s:.1f} s)"
+           if row_extra else ""))
 
   out = {
       "bank": {"path": os.path.abspath(bank.path), "size": num_bank,
