@@ -136,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kbank = kernel_lib.prepare_bank(bank.tokens, group=bank.group,
                                   chunk_size=int(kcfg.chunk_size), mesh=mesh)
   held_out = None
-  if int(scfg.bits_examples):
+  if int(scfg.get("bits_examples", 0)):
     held_out = load_bank(config, int(scfg.bits_examples),
                          split=config.tokens.get("eval_split", "test"))
     if held_out.tokens.shape[1:] != bank.tokens.shape[1:]:
