@@ -7,6 +7,7 @@ directly on the stored tokens.
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from mesp_jax.base import config as config_lib
 from mesp_jax.base import io
 from mesp_jax.base.config import load_config
 from mesp_jax.base.gamma import parse_gammas
+from mesp_jax.data.sources import DataNotFoundError
 from mesp_jax.eval import fid as fid_lib
 from mesp_jax.experiments import gamma_sweep as gs
 from mesp_jax.experiments import plots
@@ -223,6 +225,21 @@ def test_kernel_bits_per_token_matches_the_formula(gamma, sigma_s):
     gs.kernel_bits_per_token(kbank, held_out[:, :2], sigma_s=sigma_s,
                              gamma=gamma, order="raster", rng=None,
                              batch_size=2)
+
+
+def test_missing_test_split_names_bits_examples(repo_root, tiny_bank,
+                                                tmp_path):
+  """A bank without its test split: the error says how to go on."""
+  only_train = tmp_path / "tokens"
+  only_train.mkdir()
+  shutil.copy(os.path.join(tiny_bank["tokens_dir"], "tokens_train.npz"),
+              only_train)
+  config = smoke_config(repo_root, str(only_train))
+  with pytest.raises(DataNotFoundError, match="bits_examples=0"):
+    stages.run(config, str(tmp_path / "sweep"))
+  config.sweep.bits_examples = 0  # then the sweep runs without the bits
+  out = stages.run(config, str(tmp_path / "sweep"))
+  assert all("bits_per_token" not in r for r in out["results"])
 
 
 def test_lch_study_smoke(repo_root, tiny_bank, tmp_path):

@@ -29,6 +29,7 @@ from mesp_jax.base import config as config_lib
 from mesp_jax.base import io, sharding
 from mesp_jax.base.gamma import covers_grid, gamma_label, parse_gammas
 from mesp_jax.data.sample_set import SampleSet
+from mesp_jax.data.sources import DataNotFoundError
 from mesp_jax.data.tokens import Bank, load_bank, repack
 from mesp_jax.eval import memorization as mem
 from mesp_jax.experiments import gamma_sweep as sweep
@@ -87,6 +88,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Bank, BL-AE, images, reconstructions, reference statistics.
   bank = load_bank(config, int(scfg.train_examples))
   num_bank = len(bank.tokens)
+  held_out = None  # test latents for the kernel's held-out bits per token
+  if int(scfg.get("bits_examples", 0)):
+    split = config.tokens.get("eval_split", "test")
+    try:
+      held_out = load_bank(config, int(scfg.bits_examples), split=split)
+    except DataNotFoundError as e:
+      raise DataNotFoundError(
+          f"{e}\nconfig.sweep.bits_examples={scfg.bits_examples} scores the "
+          f"kernel ARVM on the {split!r} latents; encode that split too or "
+          f"set config.sweep.bits_examples=0") from e
+    if held_out.tokens.shape[1:] != bank.tokens.shape[1:]:
+      raise ValueError(f"{held_out.path}: grid {held_out.tokens.shape[1:]} "
+                       f"differs from the bank's {bank.tokens.shape[1:]}")
   model, params, blae_config, blae_step = blae.load_blae(bank.blae_workdir,
                                                          mesh)
   provenance.check_and_record(workdir, "gamma_sweep", config, {
@@ -135,13 +149,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Sample and evaluate every (model, gamma).
   kbank = kernel_lib.prepare_bank(bank.tokens, group=bank.group,
                                   chunk_size=int(kcfg.chunk_size), mesh=mesh)
-  held_out = None
-  if int(scfg.get("bits_examples", 0)):
-    held_out = load_bank(config, int(scfg.bits_examples),
-                         split=config.tokens.get("eval_split", "test"))
-    if held_out.tokens.shape[1:] != bank.tokens.shape[1:]:
-      raise ValueError(f"{held_out.path}: grid {held_out.tokens.shape[1:]} "
-                       f"differs from the bank's {bank.tokens.shape[1:]}")
   grid_h, grid_w = bank.tokens.shape[1:3]
   rng = jax.random.key(int(smp.seed))
   runs = [("kernel", g) for g in gammas] + [
